@@ -1,0 +1,1 @@
+"""Thin Prefect flows over :mod:`medtl.stages`. medtl itself never imports prefect."""

@@ -1,0 +1,259 @@
+"""Typed configuration for every stage, loaded from YAML.
+
+One `PipelineConfig` holds a section per stage; each stage function takes only its own
+section plus a :class:`Workspace`. Unknown keys are errors (``extra="forbid"``) so a typo in
+a YAML file fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class HospitalProfile(StrictModel):
+    """How one synthetic hospital acquires and stores a chest radiograph."""
+
+    name: str
+    manufacturer: str
+    model_name: str
+    institution: str
+    rows: int = Field(256, ge=32, le=4096)
+    columns: int = Field(256, ge=32, le=4096)
+    pixel_spacing_mm: float = Field(1.4, gt=0)
+    bits_stored: Literal[10, 12, 14, 16] = 12
+    photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2"
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    gamma: float = Field(1.0, gt=0, description="intensity curve exponent applied to the detector signal")
+    contrast: float = Field(1.0, gt=0)
+    noise_std: float = Field(0.02, ge=0, description="Gaussian noise, fraction of full scale")
+    blur_sigma_px: float = Field(0.0, ge=0)
+    prevalence: float = Field(0.5, gt=0, lt=1, description="fraction of labeled images with the finding")
+
+
+def _default_hospitals() -> list[HospitalProfile]:
+    return [
+        HospitalProfile(name="hospital_a", manufacturer="GE Healthcare", model_name="Definium 8000",
+                        institution="St. Aurelia General Hospital", rows=256, columns=256, pixel_spacing_mm=1.4,
+                        bits_stored=12, photometric="MONOCHROME2", rescale_slope=1.0, rescale_intercept=0.0,
+                        gamma=1.0, contrast=1.0, noise_std=0.02, blur_sigma_px=0.0, prevalence=0.5),
+        HospitalProfile(name="hospital_b", manufacturer="SIEMENS", model_name="Ysio Max",
+                        institution="Northbridge University Clinic", rows=224, columns=224, pixel_spacing_mm=1.6,
+                        bits_stored=14, photometric="MONOCHROME1", rescale_slope=2.0, rescale_intercept=-1024.0,
+                        gamma=0.8, contrast=0.9, noise_std=0.04, blur_sigma_px=0.8, prevalence=0.4),
+        HospitalProfile(name="hospital_c", manufacturer="Philips Medical Systems", model_name="DigitalDiagnost",
+                        institution="Harbor Valley Medical Center", rows=288, columns=288, pixel_spacing_mm=1.25,
+                        bits_stored=10, photometric="MONOCHROME2", rescale_slope=1.0, rescale_intercept=0.0,
+                        gamma=1.5, contrast=0.7, noise_std=0.06, blur_sigma_px=1.5, prevalence=0.3),
+    ]
+
+
+class SynthConfig(StrictModel):
+    """The embedded synthetic multi-hospital cohort (``medtl synth``)."""
+
+    seed: int = 0
+    hospitals: list[HospitalProfile] = Field(default_factory=_default_hospitals, min_length=1)
+    labeled_per_hospital: int = Field(160, ge=4)
+    unlabeled_per_hospital: int = Field(320, ge=0)
+    images_per_patient: int = Field(1, ge=1, le=4)
+    broken_files: int = Field(3, ge=0, description="truncated / not-DICOM / no-pixel-data files to plant")
+    workers: int = Field(0, ge=0, description="processes rendering images; 0 = one per available CPU, "
+                                              "1 = in this process (output is identical either way)")
+
+
+class DeidConfig(StrictModel):
+    """De-identification options (DICOM PS3.15 Annex E basic profile)."""
+
+    uid_secret_env: str = Field("MEDTL_UID_SECRET", description="environment variable holding the UID hashing key")
+    uid_secret: str | None = Field(None, description="key for UID hashing; prefer the environment variable")
+    uid_root: str = Field("2.25", description="UID root of remapped UIDs (2.25 = UUID-derived, needs no registration)")
+    keep_dicom: bool = Field(True, description="also write the de-identified DICOM next to the arrays")
+
+
+class IngestConfig(StrictModel):
+    """Folder → de-identified, validated arrays + manifest (``medtl ingest``)."""
+
+    input_dir: Path | None = Field(None, description="DICOM folder; default <workdir>/dicom (the synthetic cohort)")
+    labels_csv: Path | None = Field(None, description="CSV with columns path,label (path relative to input_dir); "
+                                                      "default <input_dir>/labels.csv when present")
+    site_attribute: str = Field("InstitutionName", description="DICOM keyword whose value names the hospital")
+    image_size: int = Field(128, ge=16, le=2048, description="stored arrays are resized to this square size")
+    spatial_dims: Literal[2, 3] = 2
+    deid: DeidConfig = Field(default_factory=DeidConfig)
+
+
+class AugmentConfig(StrictModel):
+    """Random augmentation for training and self-supervised views; each part can be switched off
+    because anatomy may forbid it (e.g. left-right flips swap the heart's side on a chest film)."""
+
+    flip: bool = Field(False, description="random left-right flips")
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    scale: float = Field(0.1, ge=0, lt=1, description="random zoom range, +/- fraction")
+    gamma: tuple[float, float] = Field((0.7, 1.5), description="random gamma range (intensity curve)")
+    intensity: float = Field(0.1, ge=0, description="random intensity scaling, +/- fraction")
+    noise_std: float = Field(0.03, ge=0)
+    blur_sigma: tuple[float, float] = Field((0.25, 1.0))
+    prob: float = Field(0.5, ge=0, le=1, description="probability of each photometric augmentation")
+    crop_min_scale: float = Field(0.4, gt=0, le=1, description="SSL views: smallest crop side, fraction of the image")
+
+
+class DataConfig(StrictModel):
+    """Which hospitals play which role, and how samples reach the model."""
+
+    source_hospitals: list[str] = Field(default_factory=lambda: ["hospital_a"], min_length=1)
+    target_hospital: str = "hospital_c"
+    image_size: int = Field(64, ge=16, le=1024, description="model input size (square / cubic)")
+    spatial_dims: Literal[2, 3] = 2
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0, lt=0.6)
+    split_seed: int = 0
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _roles_disjoint(self) -> "DataConfig":
+        if self.target_hospital in self.source_hospitals:
+            raise ValueError(f"target_hospital {self.target_hospital!r} is also a source hospital; "
+                             "pick a hospital that is not in source_hospitals")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10 % for training")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Settings of the one training loop, shared by pretraining, fine-tuning and adaptation."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    deterministic: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(1, ge=1, description="epochs between resumable checkpoints")
+    progress: bool = True
+
+
+class PretrainConfig(StrictModel):
+    """Self-supervised contrastive pretraining on the unlabeled pool (``medtl pretrain``)."""
+
+    method: Literal["simclr"] = "simclr"
+    arch: str = "efficientnet_lite0"
+    init: str | None = Field("efficientnet_lite0.imagenet",
+                             description="backbone to start from (continued pretraining); null = random init")
+    projection_dim: int = Field(128, ge=8)
+    temperature: float = Field(0.2, gt=0)
+    hospitals: list[str] | None = Field(None, description="pools to pretrain on; null = every hospital")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=64, lr=1e-3))
+
+
+class SelectConfig(StrictModel):
+    """Rank candidate backbones on the labeled source data (``medtl select``)."""
+
+    candidates: list[str] = Field(
+        default_factory=lambda: ["efficientnet_lite0.imagenet", "efficientnet_lite0.ssl", "efficientnet_lite0.scratch"],
+        min_length=1)
+    rank_by: Literal["logme", "linear_probe_auc"] = "logme"
+    cv_folds: int = Field(3, ge=2)
+
+
+class FinetuneConfig(StrictModel):
+    """Supervised fine-tuning with the first layer groups frozen (``medtl finetune``)."""
+
+    backbone: str | None = Field(None, description="arch.tag to fine-tune; null = the selector's choice")
+    freeze_groups: int | Literal["all"] = Field(0, description="freeze the first k layer groups; 'all' = linear probe")
+    num_classes: int = Field(2, ge=2)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=1e-3))
+
+    @field_validator("freeze_groups")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("freeze_groups must be >= 0 or 'all'")
+        return v
+
+
+class AdaptConfig(StrictModel):
+    """Adapt the fine-tuned model to the target hospital without its labels (``medtl adapt``)."""
+
+    methods: list[Literal["source_only", "adabn", "coral", "dann"]] = Field(
+        default_factory=lambda: ["source_only", "adabn", "coral"], min_length=1)
+    reg: float = Field(1.0, ge=0, description="weight of the adaptation loss: total = task + reg * adaptation")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
+
+
+class ReportConfig(StrictModel):
+    """Per-hospital validation report (``medtl report``)."""
+
+    n_bootstrap: int = Field(1000, ge=50)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    calibration_bins: int = Field(10, ge=2)
+    title: str = "medtl validation report"
+
+
+class PipelineConfig(StrictModel):
+    """Everything one pipeline run needs. ``workdir`` holds every artifact of the run."""
+
+    workdir: Path = Path("runs/demo")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file could not be read or does not validate."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Load a :class:`PipelineConfig` from YAML (defaults when ``path`` is None).
+
+    Relative ``workdir`` / ``input_dir`` paths stay relative to the current directory.
+
+    Raises:
+        ConfigError: naming the file and the offending field.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of stage sections")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        where = path if path is not None else "config"
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,242 @@
+"""The only training loop. Pretraining, fine-tuning and adaptation all call :func:`fit`.
+
+``fit`` does the engineering — device choice, bf16 autocast on GPU, channels_last, gradient
+clipping, warm-up + cosine schedule, seeding and deterministic mode, a progress bar, resumable
+safetensors checkpoints — and nothing else: the objective decides what the loss is.
+
+Resumption is exact: every epoch starts by seeding the global RNGs with ``seed + epoch`` and
+re-seeding the dataset's random transforms, so epoch *e* sees the same shuffling and augmentation
+whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medtl.config import TrainConfig
+from medtl.train.checkpoint import load_checkpoint, read_fingerprint, save_checkpoint
+from medtl.train.objectives import Objective
+
+log = logging.getLogger("medtl.train")
+
+EpochCallback = Callable[[int, nn.Module, dict], None]
+CHECKPOINT_NAME = "last.safetensors"
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did. ``history`` has one dict of mean logs per epoch."""
+
+    history: list[dict] = field(default_factory=list)
+    device: str = "cpu"
+    resumed_from_epoch: int | None = None
+    seconds: float = 0.0
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; an explicit choice that is unavailable is an error."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; set device: auto or cpu")
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("train.device is 'mps' but MPS is unavailable; set device: auto or cpu")
+    return torch.device(preference)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; in deterministic mode also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        # warn_only: a few ops (e.g. some index_add) have no deterministic kernel; we want a warning, not a crash.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; 4-D float images optionally channels_last."""
+    if torch.is_tensor(batch):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
+    return batch
+
+
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def build_optimizer(param_groups: Sequence[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over parameter groups; a group may carry its own ``lr`` (layer-wise rates)."""
+    groups = [dict(g) for g in param_groups if len(g["params"]) > 0]
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (check freeze_groups)")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def run_fingerprint(cfg: TrainConfig, extra: dict | None = None) -> str:
+    """Identifies a run's settings, so a checkpoint from different settings is never resumed."""
+    payload = {"train": cfg.model_dump(mode="json", exclude={"progress", "device", "checkpoint_every"}),
+               "extra": extra or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "dataset", None), "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConfig, *,
+        checkpoint_dir: Path | None = None, param_groups: Sequence[dict] | None = None,
+        callbacks: Sequence[EpochCallback] = (), fingerprint_extra: dict | None = None,
+        description: str = "train") -> FitResult:
+    """Train ``model`` (and the objective's own parameters) for ``cfg.epochs`` epochs.
+
+    Args:
+        model: any ``nn.Module``; frozen parameters (``requires_grad=False``) stay untouched.
+        objective: maps ``(model, batch)`` to ``(loss, logs)``; see :mod:`medtl.train.objectives`.
+        loader: an iterable of batches with ``len()``; if it (or its dataset) has ``set_epoch``,
+            that is called at the start of every epoch.
+        cfg: the shared :class:`~medtl.config.TrainConfig`.
+        checkpoint_dir: where ``last.safetensors`` is written every ``cfg.checkpoint_every`` epochs;
+            if a checkpoint with the same fingerprint is there, training resumes after its epoch.
+        param_groups: optimizer groups (e.g. layer-wise learning rates); default: every trainable
+            parameter of model and objective at ``cfg.lr``.
+        callbacks: ``callback(epoch, model, logs)`` after each epoch; may add entries to ``logs``.
+        fingerprint_extra: anything else that must match for a checkpoint to be resumed.
+        description: label of the progress bar.
+
+    Returns:
+        :class:`FitResult`; the model is left on the training device, in eval mode.
+    """
+    if len(loader) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{description}: the training loader is empty; check the manifest and the split settings")
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    if cfg.precision == "bf16" and device.type != "cuda":
+        log.warning("precision bf16 requested on %s; running fp32 (bf16 autocast is used on CUDA only)", device)
+    channels_last = device.type == "cuda"
+    model.to(device)
+    objective.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    groups = list(param_groups) if param_groups is not None else [{"params": trainable_parameters(model, objective)}]
+    if param_groups is not None:
+        grouped = {id(p) for g in groups for p in g["params"]}
+        extra = [p for p in trainable_parameters(objective) if id(p) not in grouped]
+        if extra:
+            groups.append({"params": extra})
+    optimizer = build_optimizer(groups, cfg)
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
+    fingerprint = run_fingerprint(cfg, fingerprint_extra)
+
+    result = FitResult(device=str(device))
+    start_epoch = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        if read_fingerprint(ckpt_path) == fingerprint:
+            header = load_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer,
+                                     scheduler=scheduler)
+            start_epoch = header["epoch"] + 1
+            result.history = header["history"]
+            result.resumed_from_epoch = header["epoch"]
+            log.info("%s: resuming after epoch %d from %s", description, header["epoch"] + 1, ckpt_path)
+        else:
+            log.warning("%s: %s was written with other settings; training from the start and replacing it",
+                        description, ckpt_path)
+
+    t0 = time.perf_counter()
+    params_to_clip = trainable_parameters(model, objective)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(cfg.seed + epoch, cfg.deterministic)
+        _set_epoch(loader, epoch)
+        model.train()
+        objective.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"{description} {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False, mininterval=2.0)
+        for batch in bar:
+            batch = to_device(batch, device, channels_last)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+            with autocast:
+                loss, logs = objective(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                         "lower train.lr or enable grad_clip_norm")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params_to_clip, cfg.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_steps += 1
+            bar.set_postfix(loss=f"{logs.get('loss', loss.item()):.4f}")
+        epoch_logs: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(1, n_steps) for k, v in sums.items()},
+                                      "lr": scheduler.get_last_lr()[0]}
+        model.eval()
+        for callback in callbacks:
+            callback(epoch, model, epoch_logs)
+        result.history.append(epoch_logs)
+        log.info("%s epoch %d/%d %s", description, epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in epoch_logs.items() if isinstance(v, float)))
+        if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            save_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                            epoch=epoch, fingerprint=fingerprint, history=result.history)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result

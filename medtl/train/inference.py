@@ -1,0 +1,41 @@
+"""Batched inference with the same device logic as :func:`medtl.train.fit`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medtl.train.core import select_device, to_device
+
+
+@torch.no_grad()
+def run_inference(model: nn.Module, loader: Iterable, *, device: str = "auto",
+                  fn: Callable[[nn.Module, Tensor], Tensor] | None = None, key: str = "image") -> np.ndarray:
+    """Apply ``fn(model, batch[key])`` (default: ``model(x)``) to every batch, in eval mode.
+
+    Returns:
+        The concatenated outputs as float32 numpy, (N, ...).
+    """
+    dev = select_device(device)
+    model.to(dev).eval()
+    fn = fn or (lambda m, x: m(x))
+    use_bf16 = dev.type == "cuda"
+    outputs = []
+    for batch in loader:
+        x = to_device(batch[key], dev, channels_last=dev.type == "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            outputs.append(fn(model, x).float().cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0,), np.float32)
+
+
+def embeddings(model: nn.Module, loader: Iterable, device: str = "auto") -> np.ndarray:
+    """(N, D) pooled pre-logit features (``model.embed``)."""
+    return run_inference(model, loader, device=device, fn=lambda m, x: m.embed(x))
+
+
+def positive_probability(model: nn.Module, loader: Iterable, device: str = "auto") -> np.ndarray:
+    """(N,) softmax probability of class 1 (binary tasks)."""
+    return run_inference(model, loader, device=device, fn=lambda m, x: torch.softmax(m(x).float(), 1)[:, 1])

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from medtl.config import AugmentConfig, TrainConfig
+from medtl.data.datasets import SampleDataset, make_loader
+from medtl.data.transforms import train_transform
+from medtl.train import Supervised, fit, select_device
+from medtl.train.core import CHECKPOINT_NAME
+from medtl.train.inference import positive_probability
+from tests.conftest import TinyNet
+
+
+def _loader(records, batch_size=8):
+    t = train_transform(2, 16, (0.5,), (0.25,), AugmentConfig())
+    return make_loader(SampleDataset(records, t), batch_size, shuffle=True, drop_last=True)
+
+
+def _cfg(**kw):
+    base = dict(epochs=4, batch_size=8, lr=3e-3, device="cpu", progress=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_fit_learns_a_separable_task(array_records):
+    torch.manual_seed(0)
+    model = TinyNet()
+    result = fit(model, Supervised(), _loader(array_records), _cfg(epochs=8))
+    assert len(result.history) == 8
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    eval_t = train_transform(2, 16, (0.5,), (0.25,), AugmentConfig(rotate_deg=0, scale=0, prob=0))
+    prob = positive_probability(model, make_loader(SampleDataset(array_records, eval_t), 16, shuffle=False), "cpu")
+    labels = np.array([r["label"] for r in array_records])
+    assert prob[labels == 1].min() > prob[labels == 0].max()  # every positive ranked above every negative
+
+
+def test_two_seeded_runs_are_identical(array_records):
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyNet()
+        fit(model, Supervised(), _loader(array_records), _cfg(epochs=2))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL: training stops in the middle of an epoch's bookkeeping."""
+
+
+def _kill_at(epoch_index):
+    def callback(epoch, model, logs):
+        if epoch == epoch_index:
+            raise _Killed
+
+    return callback
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(array_records, tmp_path):
+    torch.manual_seed(0)
+    straight = TinyNet()
+    fit(straight, Supervised(), _loader(array_records), _cfg(epochs=4))
+
+    torch.manual_seed(0)
+    interrupted = TinyNet()
+    with pytest.raises(_Killed):  # killed during epoch 3: the checkpoint holds epochs 1-2
+        fit(interrupted, Supervised(), _loader(array_records), _cfg(epochs=4), checkpoint_dir=tmp_path,
+            callbacks=[_kill_at(2)])
+    torch.manual_seed(123)  # the resumed process starts from other random weights; they must not matter
+    resumed = TinyNet()
+    result = fit(resumed, Supervised(), _loader(array_records), _cfg(epochs=4), checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(array_records, tmp_path):
+    fit(TinyNet(), Supervised(), _loader(array_records), _cfg(epochs=1), checkpoint_dir=tmp_path)
+    result = fit(TinyNet(), Supervised(), _loader(array_records), _cfg(epochs=1, lr=1e-2), checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch is None
+
+
+def test_checkpoint_is_safetensors_without_pickle(array_records, tmp_path):
+    torch.manual_seed(0)
+    fit(TinyNet(), Supervised(), _loader(array_records), _cfg(epochs=1), checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        assert "medtl_checkpoint" in handle.metadata()
+        assert any(k.startswith("optim::") for k in handle.keys())
+    assert b"\x80\x04" not in path.read_bytes()[:8]  # not a pickle stream
+
+
+def test_select_device_cpu_and_errors():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            select_device("cuda")
+
+
+def test_empty_loader_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty"):
+        fit(TinyNet(), Supervised(), [], _cfg())
+
+
+def test_fully_frozen_model_is_a_clear_error(array_records):
+    model = TinyNet()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        fit(model, Supervised(), _loader(array_records), _cfg(epochs=1))
