@@ -88,6 +88,7 @@ class IngestConfig(StrictModel):
     image_size: int = Field(128, ge=16, le=2048, description="stored arrays are resized to this square size")
     spatial_dims: Literal[2, 3] = 2
     deid: DeidConfig = Field(default_factory=DeidConfig)
+    workers: int = Field(1, ge=0, description="processes reading and converting files; 0 = one per available CPU")
 
 
 class AugmentConfig(StrictModel):
@@ -108,8 +109,9 @@ class AugmentConfig(StrictModel):
 class DataConfig(StrictModel):
     """Which hospitals play which role, and how samples reach the model."""
 
-    source_hospitals: list[str] = Field(default_factory=lambda: ["hospital_a"], min_length=1)
-    target_hospital: str = "hospital_c"
+    source_hospitals: list[str] = Field(default_factory=lambda: ["St. Aurelia General Hospital"], min_length=1,
+                                        description="hospital names as in the manifest (ingest.site_attribute)")
+    target_hospital: str = "Harbor Valley Medical Center"
     image_size: int = Field(64, ge=16, le=1024, description="model input size (square / cubic)")
     spatial_dims: Literal[2, 3] = 2
     val_fraction: float = Field(0.2, gt=0, lt=0.5)

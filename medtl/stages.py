@@ -147,7 +147,7 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
                  fingerprint_extra={"init": init, "method": cfg.method, "data": digest},
                  description=f"pretrain {cfg.method}")
     card = {
-        "name": f"{cfg.arch}.ssl", "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
+        "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
         "n_images": len(rows), "hospitals": sorted(rows["hospital"].unique()), "data_sha256": digest,
         "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "history": result.history,
         "created_at": datetime.now(timezone.utc).isoformat(), "medtl_version": medtl.__version__,
@@ -173,7 +173,8 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
         features[name] = embeddings(backbone, _eval_loader(rows, backbone, data))
     selector = BackboneSelector(rank_by=cfg.rank_by, cv_folds=cfg.cv_folds).fit(
         features, y, rows["patient_id"].to_numpy())
-    ranking = [{"backbone": name, **{k: float(v) for k, v in row.items()}, "chosen": name == selector.best_}
+    ranking = [{"backbone": name, "logme": float(row["logme"]), "linear_probe_auc": float(row["linear_probe_auc"]),
+                "rank": int(row["rank"]), "chosen": name == selector.best_}
                for name, row in selector.scores_.iterrows()]
     payload = {"rank_by": cfg.rank_by, "best": selector.best_, "ranking": ranking, "skipped": skipped,
                "n_images": len(rows), "n_positive": int(y.sum())}

@@ -1,0 +1,154 @@
+"""The manifest (one row per ingested image) and the ledger (one row per input file).
+
+The manifest is what every later stage reads (through :func:`load_manifest`); its columns are
+documented in ``docs/architecture.md``. The ledger records the fate of every input file — ingested,
+quarantined (with the reason) or duplicate — keyed by path and content hash, which is what makes
+re-running ingestion incremental.
+
+Both are Parquet files written atomically (temporary file + rename), so an interrupted run never
+leaves a half-written table behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from medtl.workspace import Workspace
+
+MANIFEST_COLUMNS: dict[str, str] = {
+    "image": "str",  # relative to the ingest folder
+    "label": "Int64",
+    "patient_id": "str",
+    "study_uid": "str",
+    "series_uid": "str",
+    "sop_uid": "str",
+    "hospital": "str",
+    "vendor": "str",
+    "model": "str",
+    "modality": "str",
+    "content_hash": "str",
+    "rows": "int64",  # original matrix size, before resizing
+    "columns": "int64",
+    "pixel_spacing_mm": "float64",  # original row spacing (PixelSpacing, else ImagerPixelSpacing); NaN if absent
+}
+
+LEDGER_COLUMNS: dict[str, str] = {
+    "path": "str",  # relative to the input folder, posix separators
+    "content_hash": "str",
+    "status": "str",
+    "reason": "str",  # empty for ingested files
+}
+
+STATUSES = ("ingested", "quarantined", "duplicate")
+
+
+def ledger_path(ws: Workspace) -> Path:
+    """Where the ledger of ``ws`` lives.
+
+    Args:
+        ws: the run's workspace.
+
+    Returns:
+        ``<workdir>/ingest/ledger.parquet``.
+    """
+    return ws.ingest / "ledger.parquet"
+
+
+def as_table(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
+    """Build a frame with exactly ``columns`` (in order) and their dtypes.
+
+    Args:
+        rows: records holding at least the keys of ``columns``.
+        columns: column name to dtype.
+
+    Returns:
+        The typed frame (empty but typed when ``rows`` is empty).
+    """
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns)
+
+
+def _read(path: Path, columns: dict[str, str], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        return as_table([], columns)
+    frame = pd.read_parquet(path)
+    if list(frame.columns) != list(columns):
+        raise ValueError(f"{what} {path} has columns {list(frame.columns)}, expected {list(columns)}; "
+                         "it was written by another version of medtl: delete the ingest folder and re-run ingest")
+    return frame.astype(columns)
+
+
+def write_table_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` as Parquet without ever exposing a partial file at ``path``.
+
+    Args:
+        frame: the table.
+        path: destination; its folder must exist.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_manifest(ws: Workspace) -> pd.DataFrame:
+    """The manifest as stored (``image`` relative to ``ws.ingest``); empty if there is none yet.
+
+    Args:
+        ws: the run's workspace.
+
+    Returns:
+        Frame with :data:`MANIFEST_COLUMNS`.
+    """
+    return _read(ws.manifest, MANIFEST_COLUMNS, "manifest")
+
+
+def load_ledger(ws: Workspace) -> pd.DataFrame:
+    """The ledger of every input file seen so far; empty if there is none yet.
+
+    Args:
+        ws: the run's workspace.
+
+    Returns:
+        Frame with :data:`LEDGER_COLUMNS`.
+    """
+    return _read(ledger_path(ws), LEDGER_COLUMNS, "ledger")
+
+
+def merge_manifest(previous: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Append this run's rows to the previous manifest, one row per content hash.
+
+    Args:
+        previous: the stored manifest.
+        new: rows of images ingested in this run.
+
+    Returns:
+        The merged manifest; on a repeated hash the earlier row wins.
+    """
+    frames = [f for f in (previous, new) if len(f)]
+    if not frames:
+        return as_table([], MANIFEST_COLUMNS)
+    merged = pd.concat(frames, ignore_index=True).astype(MANIFEST_COLUMNS)
+    return merged.drop_duplicates(subset="content_hash", keep="first").reset_index(drop=True)
+
+
+def load_manifest(ws: Workspace) -> pd.DataFrame:
+    """The manifest for later stages, with ``image`` as an absolute path.
+
+    Args:
+        ws: the run's workspace.
+
+    Returns:
+        Frame with :data:`MANIFEST_COLUMNS`; ``label`` is nullable ``Int64`` (``<NA>`` = unlabeled).
+
+    Raises:
+        FileNotFoundError: when ingestion has not run in this workspace.
+    """
+    if not ws.manifest.is_file():
+        raise FileNotFoundError(f"no manifest at {ws.manifest}; run the ingest stage (medtl ingest) first")
+    frame = read_manifest(ws)
+    root = ws.ingest.resolve()
+    frame["image"] = [str(root / rel) for rel in frame["image"]]
+    return frame

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from medtl.cli import main
+from medtl.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(ROOT / "configs" / name)
+    assert config.data.target_hospital not in config.data.source_hospitals
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  freeze_grups: 2\n")
+    with pytest.raises(ConfigError, match="freeze_grups"):
+        load_config(bad)
+
+
+def test_missing_config_file_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_target_cannot_be_a_source(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  source_hospitals: [a]\n  target_hospital: a\n")
+    with pytest.raises(ConfigError, match="also a source"):
+        load_config(bad)
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    assert main(["synth", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_synth_writes_dicom(tmp_path, capsys):
+    assert main(["synth", "--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", str(tmp_path)]) == 0
+    assert len(list((tmp_path / "dicom").rglob("*.dcm"))) > 100
+    assert "finished" in capsys.readouterr().out

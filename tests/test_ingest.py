@@ -1,0 +1,317 @@
+"""Ingestion: accounting, quarantine, duplicates, manifest, arrays, de-identification, incremental runs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+
+from medtl.config import DeidConfig, IngestConfig
+from medtl.ingest import ingest_folder, load_ledger, load_manifest
+from medtl.ingest.deid import ACTIONS, DEVELOPMENT_KEY, deidentify, remap_uid, resolve_secret
+from medtl.ingest.reader import RejectedFile, preprocess, resize, validate
+from medtl.synth import write_cohort
+from medtl.workspace import Workspace
+from tests.test_synth import tiny_config
+
+MANIFEST_COLUMNS = ["image", "label", "patient_id", "study_uid", "series_uid", "sop_uid", "hospital", "vendor",
+                    "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm"]
+PHI_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientAddress",
+                "PatientTelephoneNumbers", "InstitutionAddress", "ReferringPhysicianName", "OperatorsName",
+                "StationName", "DeviceSerialNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                "FrameOfReferenceUID")
+
+
+def ingest_config(input_dir: Path, **overrides) -> IngestConfig:
+    return IngestConfig(input_dir=input_dir, image_size=32, **overrides)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dicom")
+    write_cohort(tiny_config(), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingested(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    ws = Workspace(tmp_path_factory.mktemp("work"))
+    return ws, ingest_folder(ingest_config(cohort), ws)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_every_file_is_accounted_for(ingested) -> None:
+    ws, summary = ingested
+    assert (summary.files_in, summary.ingested, summary.quarantined, summary.duplicates) == (28, 24, 3, 1)
+    assert str(summary) == "files in 28 = ingested 24 + quarantined 3 + duplicates 1 (already done 0)"
+    assert summary.per_hospital == {"Northbridge University Clinic": 12, "St. Aurelia General Hospital": 12}
+    ledger = load_ledger(ws)
+    assert len(ledger) == 28 and ledger["path"].is_unique
+    assert ledger["status"].value_counts().to_dict() == {"ingested": 24, "quarantined": 3, "duplicate": 1}
+
+
+def test_broken_files_are_quarantined_with_a_precise_reason(ingested, cohort: Path) -> None:
+    ws, _ = ingested
+    ledger = load_ledger(ws)
+    quarantined = ledger[ledger["status"] == "quarantined"]
+    reasons = sorted(quarantined["reason"])
+    assert reasons[0] == "no PixelData element (0x7FE0,0x0010)"
+    assert reasons[1].startswith("not a DICOM file (no DICM preamble and no valid dataset): InvalidDicomError")
+    assert reasons[2].startswith("truncated: pixel data length ") and " != expected " in reasons[2]
+    copies = sorted(p.name for p in ws.quarantine.iterdir())
+    expected = sorted(f"{h[:16]}_{Path(p).name}" for p, h in zip(quarantined["path"], quarantined["content_hash"]))
+    assert copies == expected
+    for path, content_hash in zip(quarantined["path"], quarantined["content_hash"]):
+        assert hashlib.sha256((cohort / path).read_bytes()).hexdigest() == content_hash  # input untouched
+
+
+def test_duplicate_is_detected_and_not_ingested_twice(ingested) -> None:
+    ws, _ = ingested
+    ledger = load_ledger(ws)
+    duplicate = ledger[ledger["status"] == "duplicate"].iloc[0]
+    original = ledger[(ledger["content_hash"] == duplicate["content_hash"]) & (ledger["status"] == "ingested")]
+    assert duplicate["reason"] == f"same content as {original['path'].iloc[0]}"
+    assert load_manifest(ws)["content_hash"].is_unique
+
+
+def test_manifest_schema_and_labels(ingested, cohort: Path) -> None:
+    ws, _ = ingested
+    manifest = load_manifest(ws)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert str(manifest["label"].dtype) == "Int64"
+    assert manifest["rows"].dtype == np.int64 and manifest["pixel_spacing_mm"].dtype == np.float64
+    assert len(manifest) == 24 and manifest["label"].notna().sum() == 12
+    with open(cohort / "labels.csv", newline="") as fh:
+        expected = {r["path"]: int(r["label"]) for r in csv.DictReader(fh)}
+    ledger = load_ledger(ws)
+    hash_of = dict(zip(ledger["path"], ledger["content_hash"]))
+    label_of = dict(zip(manifest["content_hash"], manifest["label"]))
+    assert {path: label_of[hash_of[path]] for path in expected} == expected
+    assert set(manifest["vendor"]) == {"GE Healthcare", "SIEMENS"} and set(manifest["modality"]) == {"DX"}
+    assert manifest["patient_id"].str.fullmatch(r"P[0-9a-f]{12}").all()
+    # two images per patient in the tiny cohort
+    assert manifest["patient_id"].nunique() == 12
+
+
+def test_arrays_are_float32_unit_range_squares(ingested) -> None:
+    ws, _ = ingested
+    for image in load_manifest(ws)["image"]:
+        assert Path(image).is_absolute()
+        array = np.load(image)
+        assert array.shape == (1, 32, 32) and array.dtype == np.float32
+        assert array.min() >= 0.0 and array.max() <= 1.0 and array.max() - array.min() > 0.5
+
+
+def test_monochrome1_is_inverted_to_bright_is_dense(ingested) -> None:
+    ws, _ = ingested
+    manifest = load_manifest(ws)
+    means = {h: np.mean([np.load(p)[0] for p in g["image"]], axis=0) for h, g in manifest.groupby("vendor")}
+    for mean in means.values():
+        lungs = np.r_[mean[9:15, 4:9].ravel(), mean[9:15, 24:29].ravel()].mean()
+        mediastinum = mean[9:15, 15:18].mean()
+        assert lungs < mediastinum - 0.1  # air-filled lungs are dark
+    # the MONOCHROME1 site (SIEMENS) looks like the MONOCHROME2 one, not like its negative
+    assert np.corrcoef(means["SIEMENS"].ravel(), means["GE Healthcare"].ravel())[0, 1] > 0.8
+
+
+def test_no_planted_phi_survives(ingested, cohort: Path) -> None:
+    ws, _ = ingested
+    planted: set[str] = set()
+    for path in cohort.rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        planted |= {str(ds[k].value) for k in PHI_KEYWORDS if k in ds}
+        planted.add(ds.InstitutionName)
+    planted.discard("")
+    written = list((ws.ingest / "dicom").glob("*.dcm"))
+    assert len(written) == 24
+    for path in written:
+        data = path.read_bytes()
+        assert not [phi for phi in planted if phi.encode() in data], path
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+        assert not any(elem.tag.is_private for elem in ds)
+        assert not any(elem.VR in ("DA", "TM", "DT") and elem.value for elem in ds)
+        assert ds.SOPInstanceUID.startswith("2.25.") and path.stem == ds.SOPInstanceUID
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    tables = ws.manifest.read_bytes() + (ws.ingest / "ledger.parquet").read_bytes()
+    institutions = {"St. Aurelia General Hospital", "Northbridge University Clinic"}  # the manifest's site names
+    assert not [phi for phi in planted - institutions if phi.encode() in tables]
+
+
+def test_uid_pseudonyms_depend_only_on_the_secret(ingested, cohort: Path, tmp_path: Path) -> None:
+    ws, _ = ingested
+    first = load_manifest(ws).set_index("content_hash")
+    again = Workspace(tmp_path / "again")
+    ingest_folder(ingest_config(cohort, workers=2), again)
+    second = load_manifest(again).set_index("content_hash").loc[first.index]
+    for column in ("sop_uid", "study_uid", "series_uid", "patient_id"):
+        assert (second[column] == first[column]).all()
+    for a, b in zip(first["image"], second["image"]):
+        assert np.array_equal(np.load(a), np.load(b))
+    other = Workspace(tmp_path / "other")
+    ingest_folder(ingest_config(cohort, deid=DeidConfig(uid_secret="another secret")), other)
+    third = load_manifest(other)
+    assert not set(third["sop_uid"]) & set(first["sop_uid"])
+    assert not set(third["patient_id"]) & set(first["patient_id"])
+
+
+def test_rerun_does_no_work_twice(ingested, cohort: Path) -> None:
+    ws, _ = ingested
+    before = snapshot(ws.root)
+    summary = ingest_folder(ingest_config(cohort), ws)
+    assert summary.skipped_already_done == summary.files_in == 28
+    assert (summary.ingested, summary.quarantined, summary.duplicates) == (24, 3, 1)
+    assert snapshot(ws.root) == before
+
+
+def test_new_files_are_ingested_incrementally(cohort: Path, tmp_path: Path) -> None:
+    source = tmp_path / "dicom"
+    shutil.copytree(cohort, source)
+    ws = Workspace(tmp_path / "work")
+    ingest_folder(ingest_config(source), ws)
+    template = next(p for p in sorted((source / "site_a").glob("*.dcm")) if p.stat().st_size > 4000)
+    ds = pydicom.dcmread(template)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["new"])
+    (source / "site_c").mkdir()
+    ds.save_as(source / "site_c" / "new.dcm")
+    summary = ingest_folder(ingest_config(source), ws)
+    assert (summary.files_in, summary.ingested, summary.skipped_already_done) == (29, 25, 28)
+    manifest = load_manifest(ws)
+    assert len(manifest) == 25 and manifest["content_hash"].is_unique and manifest["sop_uid"].is_unique
+
+
+def test_images_lost_from_the_workspace_are_ingested_again(cohort: Path, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    ingest_folder(ingest_config(cohort), ws)
+    lost = Path(load_manifest(ws)["image"].iloc[0])
+    lost.unlink()
+    summary = ingest_folder(ingest_config(cohort), ws)
+    assert (summary.ingested, summary.skipped_already_done) == (24, 27) and lost.is_file()
+    ws.manifest.unlink()
+    summary = ingest_folder(ingest_config(cohort), ws)
+    assert (summary.ingested, summary.skipped_already_done, summary.manifest_rows) == (24, 4, 24)
+    assert len(load_ledger(ws)) == 28
+
+
+def test_label_rows_naming_missing_files_warn(cohort: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text((cohort / "labels.csv").read_text() + "site_a/missing.dcm,1\n")
+    ws = Workspace(tmp_path / "work")
+    with pytest.warns(UserWarning, match=r"line 14 \(site_a/missing.dcm\)"):
+        summary = ingest_folder(ingest_config(cohort, labels_csv=labels), ws)
+    assert summary.ingested == 24 and load_manifest(ws)["label"].notna().sum() == 12
+
+
+def test_secret_comes_from_config_then_environment_then_development_key(monkeypatch) -> None:
+    monkeypatch.setenv("MEDTL_UID_SECRET", "from-env")
+    assert resolve_secret(DeidConfig(uid_secret="from-config")) == b"from-config"
+    assert resolve_secret(DeidConfig()) == b"from-env"
+    monkeypatch.delenv("MEDTL_UID_SECRET")
+    with pytest.warns(UserWarning, match="set \\$MEDTL_UID_SECRET"):
+        assert resolve_secret(DeidConfig()) == DEVELOPMENT_KEY
+
+
+def test_deidentify_recurses_into_sequences_and_leaves_the_input_alone() -> None:
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.StudyDate = "Doe^Jane", "MRN123", "20200101"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4.5"
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4.6"
+    item.PerformingPhysicianName = "House^Greg"
+    item.add_new(0x00091001, "LO", "Doe private")
+    ds.ReferencedImageSequence = Sequence([item])
+    out = deidentify(ds, b"key")
+    assert (out.PatientName, out.StudyDate) == ("", "")
+    assert out.PatientID.startswith("P") and len(out.PatientID) == 13
+    assert out.SOPClassUID == ds.SOPClassUID and out.SOPInstanceUID == remap_uid("1.2.3.4.5", b"key")
+    ref = out.ReferencedImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == remap_uid("1.2.3.4.6", b"key")
+    assert ref.ReferencedSOPClassUID == item.ReferencedSOPClassUID
+    assert "PerformingPhysicianName" not in ref and 0x00091001 not in ref
+    assert ds.PatientName == "Doe^Jane" and 0x00091001 in item  # the input is unchanged
+    assert all(pydicom.datadict.tag_for_keyword(k) for k in ACTIONS) and set(ACTIONS.values()) <= set("XZDUK")
+
+
+def _image(**attrs) -> Dataset:
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PixelRepresentation = 16, 16, 1, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(16 * 16 * 2)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(("attrs", "dims", "reason"), [
+    ({"NumberOfFrames": 4}, 2, "multi-frame image (NumberOfFrames=4) but ingest.spatial_dims is 2"),
+    ({}, 3, "single-frame image but ingest.spatial_dims is 3"),
+    ({"BurnedInAnnotation": "YES"}, 2, "BurnedInAnnotation is YES"),
+    ({"SamplesPerPixel": 3}, 2, "SamplesPerPixel=3"),
+    ({"Rows": 2}, 2, "implausible image size Rows=2"),
+])
+def test_validation_rejects_unusable_images(attrs: dict, dims: int, reason: str) -> None:
+    with pytest.raises(RejectedFile, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        validate(_image(**attrs), dims)
+
+
+def test_dataset_without_preamble_or_file_meta_is_ingested(tmp_path: Path) -> None:
+    ds = _image(SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1", SOPInstanceUID="1.2.3.4.7", PatientName="Doe^Jane",
+                PixelData=np.arange(256, dtype="<u2").tobytes())
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    (tmp_path / "old_site").mkdir()
+    (tmp_path / "old_site" / "image").write_bytes(fp.getvalue())
+    ws = Workspace(tmp_path / "work")
+    summary = ingest_folder(IngestConfig(input_dir=tmp_path, image_size=16), ws)
+    assert (summary.ingested, summary.per_hospital) == (1, {"old_site": 1})  # site from the folder name
+    written = pydicom.dcmread(next((ws.ingest / "dicom").iterdir()))
+    assert written.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian and written.PatientName == ""
+
+
+def test_multi_frame_volume_becomes_a_cube_when_spatial_dims_is_3(tmp_path: Path) -> None:
+    ds = _image(SOPClassUID="1.2.840.10008.5.1.4.1.1.2.1", SOPInstanceUID="1.2.3.4.8", NumberOfFrames=4,
+                PixelData=np.arange(4 * 256, dtype="<u2").tobytes())
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "volume.dcm", enforce_file_format=True)
+    ws = Workspace(tmp_path / "work")
+    assert ingest_folder(IngestConfig(input_dir=tmp_path, image_size=16, spatial_dims=3), ws).ingested == 1
+    volume = np.load(load_manifest(ws)["image"].iloc[0])
+    assert volume.shape == (1, 16, 16, 16) and volume.dtype == np.float32
+
+
+def test_preprocess_pads_to_square_and_rejects_blank_images() -> None:
+    wide = np.zeros((20, 40))
+    wide[:, :20] = 1.0
+    out = preprocess(wide, 8)
+    assert out.shape == (1, 8, 8) and out.dtype == np.float32
+    assert out[0, 0].max() == 0.0 and out[0, 4, 1] == pytest.approx(1.0)  # padding rows are air
+    assert resize(np.ones((7, 13)), 5) == pytest.approx(np.ones((5, 5)))
+    with pytest.raises(RejectedFile, match="blank image"):
+        preprocess(np.full((10, 10), 3.0), 8)
+
+
+def test_load_manifest_without_ingest_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run the ingest stage"):
+        load_manifest(Workspace(tmp_path))
+    assert isinstance(load_ledger(Workspace(tmp_path)), pd.DataFrame)
