@@ -11,9 +11,9 @@ CONFIG ?= configs/demo.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	$(PY) -m pip install --quiet --editable '.[dev]' --constraint constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)

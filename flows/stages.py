@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # medtl logs through the standard "medtl" logger; have Prefect capture it into run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "medtl")
+# Hospital clusters are often offline; the local server's telemetry would only log connection errors.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
@@ -13,6 +16,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact  # 
 from medtl import stages  # noqa: E402
 from medtl.config import PipelineConfig  # noqa: E402
 from medtl.workspace import Workspace  # noqa: E402
+
+# Prefect's logging setup leaves the root logger at WARNING; medtl's per-epoch and per-stage lines are INFO.
+logging.getLogger("medtl").setLevel(logging.INFO)
 
 
 @task(name="synth")

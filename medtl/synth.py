@@ -62,8 +62,8 @@ _CITIES = ("Springfield", "Riverton", "Fairview", "Greenville", "Kingsport", "Mi
 
 # The finding: size (sigma, in units of half the image height) and peak density. Lungs are 0.34
 # darker than soft tissue; the texture inside them has an amplitude of about 0.04.
-FINDING_SIGMA = (0.05, 0.11)
-FINDING_AMPLITUDE = (0.10, 0.22)
+FINDING_SIGMA = (0.06, 0.12)
+FINDING_AMPLITUDE = (0.25, 0.45)
 
 # How the stored value range is used: detectors never use the extreme codes.
 _STORED_LOW, _STORED_HIGH = 0.04, 0.96
