@@ -6,8 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medtl-installed
 CONFIG ?= configs/demo.yaml
+# Debian packages the test suite starts on loopback: a real Orthanc PACS with DICOMweb (tests skip without them).
+TEST_SERVICES := orthanc orthanc-dicomweb
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-services clean
 
 install: $(STAMP)
 
@@ -19,8 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m flows.pipeline --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) test-services
 	$(PY) -m pytest
+
+test-services:
+	@if [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(TEST_SERVICES) (Debian) for the PACS tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_SERVICES) >/dev/null; \
+	else echo "note: $(TEST_SERVICES) not installed and not root: the PACS tests will be skipped"; fi
 
 clean:
 	rm -rf runs .pytest_cache

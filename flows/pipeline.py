@@ -22,7 +22,7 @@ from medtl.config import ConfigError, PipelineConfig, load_config
 @flow(name="medtl-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig) -> dict:
     """DICOM → ingest → SSL pretraining → backbone selection → fine-tuning → adaptation → report."""
-    if config.ingest.input_dir is None:
+    if config.ingest.uses_synthetic_cohort:
         print(synth_flow(config)["summary"])
     print(ingest_flow(config)["summary"])
     if f"{config.pretrain.arch}.ssl" in config.select.candidates:

@@ -7,8 +7,9 @@ a YAML file fails loudly instead of silently falling back to a default.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,12 +71,140 @@ class SynthConfig(StrictModel):
 
 
 class DeidConfig(StrictModel):
-    """De-identification options (DICOM PS3.15 Annex E basic profile)."""
+    """De-identification (DICOM PS3.15 Annex E basic profile) and its options (see ``medtl.ingest.deid``)."""
 
-    uid_secret_env: str = Field("MEDTL_UID_SECRET", description="environment variable holding the UID hashing key")
-    uid_secret: str | None = Field(None, description="key for UID hashing; prefer the environment variable")
+    uid_secret_env: str = Field("MEDTL_UID_SECRET", description="environment variable holding the hashing key "
+                                                                "(UIDs, PatientID, date shifts, site pseudonyms)")
+    uid_secret: str | None = Field(None, description="the hashing key; prefer the environment variable")
     uid_root: str = Field("2.25", description="UID root of remapped UIDs (2.25 = UUID-derived, needs no registration)")
     keep_dicom: bool = Field(True, description="also write the de-identified DICOM next to the arrays")
+    longitudinal_temporal: Literal["remove", "shift", "keep"] = Field(
+        "remove", description="dates and times: remove (basic profile); shift = Retain Longitudinal Temporal "
+                              "Information with Modified Dates (one keyed shift per patient, intervals kept); "
+                              "keep = the Full Dates option")
+    date_shift_max_days: int = Field(3650, ge=1, le=36500,
+                                     description="shift: each patient's dates move back by 1..this many days")
+    retain_device_identity: bool = Field(False, description="Retain Device Identity option (station, serials)")
+    retain_institution_identity: bool = Field(False, description="Retain Institution Identity option")
+    retain_patient_characteristics: bool = Field(False, description="Retain Patient Characteristics option "
+                                                                    "(sex, age, size, weight, ...)")
+    clean_descriptors: bool = Field(False, description="Clean Descriptors option: keep descriptions and comments "
+                                                       "with the patient's names, IDs, dates and numbers scrubbed")
+    private_safe_list: list[str] = Field(
+        default_factory=list, description="private elements to keep, each 'GGGG,private creator,EE' (hex group, "
+                                          "creator string, hex element byte), e.g. '0019,GEMS_ACQU_01,1B'; "
+                                          "every other private element is removed")
+    pixels_cleaned_upstream: bool = Field(
+        False, description="images with (possible) burned-in annotation are quarantined unless this says their "
+                           "pixels were cleaned before ingestion; medtl does not clean pixels itself")
+    site_aliases: dict[str, str] = Field(
+        default_factory=dict, description="label written to the manifest for each raw value of "
+                                          "ingest.site_attribute, so the institution's name stays out of every "
+                                          "output; when set, unlisted sites get a keyed pseudonym")
+
+    @field_validator("private_safe_list")
+    @classmethod
+    def _private_rules(cls, rules: list[str]) -> list[str]:
+        for rule in rules:
+            parts = [p.strip() for p in rule.split(",")]
+            ok = len(parts) == 3 and parts[1] != ""
+            try:
+                group, element = int(parts[0], 16), int(parts[2], 16)
+            except (ValueError, IndexError):
+                ok = False
+            else:
+                ok = ok and group % 2 == 1 and 0x0009 <= group <= 0xFFFF and 0 <= element <= 0xFF
+            if not ok:
+                raise ValueError(f"private_safe_list entry {rule!r} is not 'GGGG,private creator,EE' with an odd "
+                                 "hex group and a hex element byte, e.g. '0019,GEMS_ACQU_01,1B'")
+        return rules
+
+
+_UID = r"^[0-9]+(\.[0-9]+)*$"
+_AE_TITLE = r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
+_NO_BACKSLASH = r"^[^\\]+$"
+
+
+class PacsQuery(StrictModel):
+    """Which studies to pull from a PACS: a study must match every filter that is set (DICOM PS3.4 C.2.2
+    attribute matching; ``*`` and ``?`` are wildcards in ``patient_id`` and ``accession_number``)."""
+
+    patient_id: str | None = Field(None, max_length=64, pattern=_NO_BACKSLASH, description="PatientID")
+    study_date_from: date | None = Field(None, description="first StudyDate to pull (inclusive)")
+    study_date_to: date | None = Field(None, description="last StudyDate to pull (inclusive)")
+    modality: str | None = Field(None, pattern=r"^[A-Z0-9_]{1,16}$",
+                                 description="a modality the study contains (ModalitiesInStudy), e.g. CT, DX")
+    accession_number: str | None = Field(None, max_length=16, pattern=_NO_BACKSLASH, description="AccessionNumber")
+    study_instance_uids: list[Annotated[str, Field(max_length=64, pattern=_UID)]] = Field(
+        default_factory=list, description="pull only these StudyInstanceUIDs")
+    max_studies: int = Field(1000, ge=1, description="refuse a query matching more studies than this")
+
+    @model_validator(mode="after")
+    def _narrow(self) -> "PacsQuery":
+        if not (self.patient_id or self.study_date_from or self.study_date_to or self.modality
+                or self.accession_number or self.study_instance_uids):
+            raise ValueError("pacs.query sets no filter, which would pull the whole PACS; set at least one of "
+                             "patient_id, study_date_from/study_date_to, modality, accession_number, "
+                             "study_instance_uids")
+        if self.study_date_from and self.study_date_to and self.study_date_from > self.study_date_to:
+            raise ValueError(f"pacs.query.study_date_from {self.study_date_from} is after study_date_to "
+                             f"{self.study_date_to}; swap them")
+        return self
+
+
+class PacsConfig(StrictModel):
+    """Pull studies from a PACS into ``<workdir>/pacs_incoming`` before ingestion: DICOMweb (QIDO-RS +
+    WADO-RS, DICOM PS3.18) or DIMSE (C-FIND + C-GET or C-MOVE, DICOM PS3.4 Annex C). Transient errors are
+    retried with exponential backoff; credentials come from environment variables, never from the YAML."""
+
+    protocol: Literal["dicomweb", "dimse"]
+    url: str | None = Field(None, pattern=r"^https?://", description="DICOMweb base URL, "
+                                                                     "e.g. https://pacs.example.org/dicom-web")
+    username_env: str | None = Field(None, description="environment variable holding the DICOMweb user name")
+    password_env: str | None = Field(None, description="environment variable holding the DICOMweb password")
+    token_env: str | None = Field(None, description="environment variable holding a DICOMweb bearer token")
+    host: str | None = Field(None, description="DIMSE: PACS host name or address")
+    port: int | None = Field(None, ge=1, le=65535, description="DIMSE: PACS port")
+    called_ae_title: str | None = Field(None, pattern=_AE_TITLE,
+                                        description="DIMSE: the PACS's AE title (1-16 characters, no backslash)")
+    calling_ae_title: str = Field("MEDTL", pattern=_AE_TITLE,
+                                  description="DIMSE: our AE title, also the C-MOVE destination "
+                                              "(1-16 characters, no backslash)")
+    retrieve: Literal["c-get", "c-move"] = Field("c-get", description="DIMSE retrieval service")
+    move_port: int | None = Field(None, ge=1, le=65535,
+                                  description="C-MOVE: port of our storage SCP; the PACS must know "
+                                              "calling_ae_title at this host and port")
+    move_bind_address: str = Field("0.0.0.0", description="C-MOVE: address our storage SCP listens on")
+    query: PacsQuery
+    retries: int = Field(4, ge=0, le=20, description="retries of each operation after a transient error")
+    backoff_base_s: float = Field(1.0, gt=0, description="wait before the first retry; doubles on each retry")
+    backoff_max_s: float = Field(60.0, gt=0, description="longest wait between two retries")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connection timeout")
+    timeout_s: float = Field(60.0, gt=0, description="HTTP read / DIMSE message / association timeout")
+
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> "PacsConfig":
+        if self.protocol == "dicomweb":
+            wrong, needed = ("host", "port", "called_ae_title", "move_port"), ("url",)
+        else:
+            wrong, needed = ("url", "username_env", "password_env", "token_env"), ("host", "port", "called_ae_title")
+            if self.retrieve == "c-move":
+                needed += ("move_port",)
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"pacs.protocol {self.protocol!r} needs {missing}; set them in the pacs section")
+        extra = [f for f in wrong if getattr(self, f) is not None]
+        if extra:
+            raise ValueError(f"pacs.{extra} do not apply to protocol {self.protocol!r}; remove them")
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("pacs.username_env and pacs.password_env go together; set both or neither")
+        if self.token_env is not None and self.username_env is not None:
+            raise ValueError("pacs: choose basic authentication (username_env/password_env) or a bearer token "
+                             "(token_env), not both")
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(f"pacs.backoff_base_s {self.backoff_base_s} exceeds backoff_max_s "
+                             f"{self.backoff_max_s}")
+        return self
 
 
 class IngestConfig(StrictModel):
@@ -87,8 +216,37 @@ class IngestConfig(StrictModel):
     site_attribute: str = Field("InstitutionName", description="DICOM keyword whose value names the hospital")
     image_size: int = Field(128, ge=16, le=2048, description="stored arrays are resized to this square size")
     spatial_dims: Literal[2, 3] = 2
+    windowing: Literal["percentile", "dicom"] = Field(
+        "percentile", description="percentile = robust 0.5-99.5 % window of each image, the same rule for every "
+                                  "site; dicom = the header's VOI LUT / WindowCenter+Width when present (else "
+                                  "percentile). See docs/decoding.md")
+    max_decoded_mib: int = Field(768, ge=1, description="refuse files whose declared pixels would decode to more "
+                                                        "than this (stored samples + float64 grey; decoding peaks "
+                                                        "near 2.6x): decompression bombs. Keep worker_memory_mb "
+                                                        ">= 3x this")
     deid: DeidConfig = Field(default_factory=DeidConfig)
+    pacs: PacsConfig | None = Field(None, description="pull from this PACS into <workdir>/pacs_incoming and "
+                                                      "ingest that folder (then input_dir must be unset)")
     workers: int = Field(1, ge=0, description="processes reading and converting files; 0 = one per available CPU")
+    worker_memory_mb: int = Field(3072, ge=256, description="address-space limit of each worker process; a file "
+                                                            "that needs more is quarantined, the run goes on")
+    file_timeout_s: float = Field(120.0, gt=0, description="a file whose parsing takes longer is quarantined")
+
+    @property
+    def uses_synthetic_cohort(self) -> bool:
+        """Neither a folder nor a PACS is named: ingest the embedded synthetic cohort (``medtl synth``)."""
+        return self.input_dir is None and self.pacs is None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "IngestConfig":
+        if self.input_dir is not None and self.pacs is not None:
+            raise ValueError("ingest.input_dir and ingest.pacs are both set; keep one (a PACS pull is ingested "
+                             "from <workdir>/pacs_incoming)")
+        if self.worker_memory_mb < 3 * self.max_decoded_mib:
+            # decoding peaks at 2-2.6x the decoded size: a smaller limit kills workers on files the budget admits
+            raise ValueError(f"ingest.worker_memory_mb={self.worker_memory_mb} is below 3 x max_decoded_mib="
+                             f"{self.max_decoded_mib}; raise worker_memory_mb or lower max_decoded_mib")
+        return self
 
 
 class AugmentConfig(StrictModel):

@@ -119,9 +119,15 @@ def run_synth(cfg: SynthConfig, ws: Workspace) -> dict:
 
 
 def run_ingest(cfg: IngestConfig, ws: Workspace) -> dict:
-    """DICOM folder → de-identified arrays + manifest; prints the accounting line."""
+    """DICOM folder → de-identified arrays + manifest; prints the accounting line. With ``cfg.pacs`` the
+    folder is ``ws.pacs_incoming``, first filled from the PACS (only instances not already there)."""
     from medtl.ingest import ingest_folder
 
+    if cfg.pacs is not None:
+        from medtl.ingest.sources import pull
+
+        log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
+        cfg = cfg.model_copy(update={"input_dir": ws.pacs_incoming})
     summary = ingest_folder(cfg, ws)
     log.info("ingest: %s", summary)
     return {"summary": str(summary), "manifest": str(ws.manifest)}
@@ -350,7 +356,7 @@ def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
              f"hospitals show how well it transfers, not a re-tuned operating point.",
              "Confidence intervals are patient-level bootstrap percentile intervals "
              f"({config.report.n_bootstrap} resamples); small hospitals give wide intervals."]
-    if config.ingest.input_dir is None:
+    if config.ingest.uses_synthetic_cohort:
         notes.insert(0, "Data are the embedded SYNTHETIC cohort (medtl synth): these figures validate the "
                         "pipeline, not a clinical model.")
     return notes
@@ -359,7 +365,7 @@ def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
 def run_pipeline(config: PipelineConfig) -> dict:
     """Every stage in order, without Prefect (the Prefect flow in ``flows/pipeline.py`` does the same)."""
     ws = Workspace(config.workdir)
-    if config.ingest.input_dir is None:
+    if config.ingest.uses_synthetic_cohort:
         run_synth(config.synth, ws)
     run_ingest(config.ingest, ws)
     if f"{config.pretrain.arch}.ssl" in config.select.candidates:

@@ -23,6 +23,12 @@ class Workspace:
         return self.root / "dicom"
 
     @property
+    def pacs_incoming(self) -> Path:
+        """Instances pulled from a PACS (``ingest.pacs``), one ``<SOPInstanceUID>.dcm`` each: ingestion's input.
+        They are not yet de-identified."""
+        return self.root / "pacs_incoming"
+
+    @property
     def ingest(self) -> Path:
         return self.root / "ingest"
 

@@ -1,35 +1,78 @@
-"""De-identification: DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile.
+"""De-identification: DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile, with options.
 
-:data:`ACTIONS` maps attribute keywords to the profile's action codes, as data so that it can be
-extended towards the full Annex E table:
+**The table.** Every attribute of PS3.15 Table E.1-1 gets the profile's action. The tag lists come from
+``dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c`` (the table of the 2026c edition, one
+list per action) rather than being typed here. Actions: ``X`` remove · ``Z`` empty value · ``D`` dummy
+value · ``U`` keyed-hash UID · ``K`` keep · ``C`` clean (options only).
 
-* ``X`` remove · ``Z`` replace by an empty value · ``D`` replace by a dummy value (for
-  ``PatientID``: a keyed pseudonym) · ``U`` replace the UID by a keyed hash · ``K`` keep.
+**Combined actions** (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``, ``X/Z/U*``) say "the first unless the
+attribute's type in the IOD needs the next". medtl does not carry PS3.3's module tables, so it takes the
+choice that keeps the object valid whatever the attribute's type is (see :data:`COMBINED`):
+``X/Z`` → ``Z`` (type 2 or 3 stays valid), ``X/D``, ``Z/D``, ``X/Z/D`` → ``D`` (also valid for type 1),
+``X/Z/U*`` → ``U*`` (the sequence is kept and cleaned recursively, its instance UIDs remapped). A dummy
+carries no information: a fixed string for text VRs, a keyed pseudonym for ``PatientID``, a remapped UID
+for ``UI``, an empty value for binary VRs and an empty sequence for ``SQ`` (a valid dummy item would
+need the IOD's macro).
 
-Where Annex E allows several actions (``X/Z``, ``Z/D``, ...) the table picks one that keeps the
-object valid (``Z`` for attributes that are type 2 in common IODs, else ``X``). Attributes not in
-the table are handled by value representation so that nothing identifying slips through: person
-names are emptied, dates and times removed, and every UID other than the well-known DICOM ones
-(``1.2.840.10008.*``: SOP classes, transfer syntaxes, coding schemes) remapped. Private tags,
-curves and overlays are removed; sequences are processed recursively.
+**Not in the table.** Kept, as the profile says, except for a safety net by value representation:
+person names are emptied, dates and times removed (or shifted / kept with the temporal options), and
+every UID other than class and well-known ones (``1.2.840.10008.*``) remapped. Group lengths, curves,
+overlay data and comments (also in the table) are removed. Sequences are processed recursively at any
+depth, so references (``ReferencedSOPInstanceUID``, ``ReferencedFrameOfReferenceUID``, ...) map
+exactly like the UIDs they point to.
 
-UIDs and patient IDs are replaced by an HMAC-SHA256 of the original under a secret key, so the same
-input and key give the same output in every run (studies stay linked across incremental runs) while
-nobody without the key can link them back.
+**Private elements** are removed except those in ``private_safe_list`` (private creator + element byte),
+which are kept unchanged together with their private creator.
+
+**UIDs and PatientID** become an HMAC-SHA256 of the original under a secret key: the same input and key
+give the same output in every run and batch (studies stay linked across incremental runs) while nobody
+without the key can link them back.
+
+**Options** (PS3.15 E.3; the attributes each one changes are listed below, per the table's column):
+
+* Retain Longitudinal Temporal Information — *Modified Dates* (``longitudinal_temporal="shift"``):
+  every date of a patient moves back by the same number of days, derived from a keyed hash of the
+  original PatientID (stable across runs and batches; intervals kept); times of day are kept, DT
+  offsets and partial precision are preserved. *Full Dates* (``"keep"``) keeps them. Patient's Birth
+  Date/Time are not in these columns and stay under the basic action.
+* Retain Patient Characteristics, Retain Device Identity, Retain Institution Identity: the columns'
+  ``K`` attributes are kept, their ``C`` attributes cleaned.
+* Clean Descriptors: descriptions and comments are kept with the patient's identifying strings (names,
+  IDs, addresses, the values of every removed text attribute), anything date-like, digit runs of five or
+  more (IDs, phone numbers) and UIDs replaced by ``***``.
+
+The result records what was done: PatientIdentityRemoved ``YES``, DeidentificationMethod,
+DeidentificationMethodCodeSequence (CID 7050 codes of the profile and of each option applied) and
+LongitudinalTemporalInformationModified.
+
+Burned-in text in the pixels cannot be removed by header de-identification;
+:func:`burned_in_annotation_risk` decides which images to quarantine (medtl does not clean pixels).
+
+**Outputs that are not de-identified DICOM.** ``quarantine/`` holds byte-for-byte copies of the
+rejected *original* files: it carries PHI by design and must be protected like the input. The
+manifest's ``hospital`` column comes from the site attribute (InstitutionName by default) read
+before de-identification, through :func:`site_label`: configure ``site_aliases`` to keep the
+institution's name out of it. The ledger's ``path`` column repeats the input's relative file paths,
+so input file and folder names must not identify patients.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import os
+import re
 import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _annex_e
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medtl.config import DeidConfig
@@ -37,98 +80,181 @@ from medtl.config import DeidConfig
 DEVELOPMENT_KEY = b"medtl-development-key-not-for-real-data"
 """Key used when no secret is configured: fine for the synthetic cohort, never for real data."""
 
+TABLE_EDITION = "2026c"
 WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 MAX_UID_LENGTH = 64
-METHOD = "DICOM PS3.15 E.1.1 basic profile; UIDs, PatientID by HMAC-SHA256"
+SCRUBBED = "***"
 
-ACTIONS: dict[str, str] = {
-    # patient
-    "PatientName": "Z", "PatientID": "D", "PatientBirthDate": "Z", "PatientBirthTime": "X", "PatientSex": "Z",
-    "PatientAge": "X", "PatientAddress": "X", "PatientTelephoneNumbers": "X", "OtherPatientIDs": "X",
-    "OtherPatientIDsSequence": "X", "OtherPatientNames": "X", "PatientBirthName": "X",
-    "PatientMotherBirthName": "X", "IssuerOfPatientID": "X", "MedicalRecordLocator": "X", "MilitaryRank": "X",
-    "BranchOfService": "X", "EthnicGroup": "X", "Occupation": "X", "PatientComments": "X",
-    "AdditionalPatientHistory": "X", "PatientSize": "X", "PatientWeight": "X", "PatientReligiousPreference": "X",
-    "PatientState": "X", "PatientSexNeutered": "X", "PatientInsurancePlanCodeSequence": "X",
-    "PatientPrimaryLanguageCodeSequence": "X", "PatientTransportArrangements": "X", "CountryOfResidence": "X",
-    "RegionOfResidence": "X", "CurrentPatientLocation": "X", "Allergies": "X", "MedicalAlerts": "X",
-    "PregnancyStatus": "X", "LastMenstrualDate": "X", "SmokingStatus": "X", "SpecialNeeds": "X",
-    "PreMedication": "X", "InsurancePlanIdentification": "X", "ReferencedPatientSequence": "X",
-    "ReferencedPatientAliasSequence": "X", "ClinicalTrialSubjectID": "Z",
-    # visit / admission
-    "AdmissionID": "X", "IssuerOfAdmissionID": "X", "AdmittingDate": "X", "AdmittingTime": "X",
-    "AdmittingDiagnosesDescription": "X", "AdmittingDiagnosesCodeSequence": "X",
-    "DischargeDiagnosisDescription": "X", "ServiceEpisodeID": "X", "ServiceEpisodeDescription": "X",
-    "VisitComments": "X", "ScheduledPatientInstitutionResidence": "X",
-    # people
-    "ReferringPhysicianName": "Z", "ReferringPhysicianAddress": "X", "ReferringPhysicianTelephoneNumbers": "X",
-    "ReferringPhysicianIdentificationSequence": "X", "PerformingPhysicianName": "X",
-    "PerformingPhysicianIdentificationSequence": "X", "NameOfPhysiciansReadingStudy": "X",
-    "PhysiciansReadingStudyIdentificationSequence": "X", "PhysiciansOfRecord": "X",
-    "PhysiciansOfRecordIdentificationSequence": "X", "OperatorsName": "X", "OperatorIdentificationSequence": "X",
-    "RequestingPhysician": "X", "ScheduledPerformingPhysicianName": "X",
-    "ScheduledPerformingPhysicianIdentificationSequence": "X", "ContentCreatorName": "Z", "ReviewerName": "X",
-    "PersonName": "Z", "PersonAddress": "X", "PersonTelephoneNumbers": "X", "ResponsiblePerson": "X",
-    "ResponsibleOrganization": "X", "VerifyingObserverName": "Z", "VerifyingObserverSequence": "X",
-    "VerifyingObserverIdentificationCodeSequence": "X", "VerifyingOrganization": "X",
-    "AuthorObserverSequence": "X", "ParticipantSequence": "X", "ActualHumanPerformersSequence": "X",
-    "ScheduledHumanPerformersSequence": "X", "OrderEnteredBy": "X", "OrderEntererLocation": "X",
-    "OrderCallbackPhoneNumber": "X", "NamesOfIntendedRecipientsOfResults": "X",
-    "IntendedRecipientsOfResultsIdentificationSequence": "X", "DistributionName": "X", "DistributionAddress": "X",
-    # institution and device
-    "InstitutionName": "X", "InstitutionAddress": "X", "InstitutionalDepartmentName": "X", "StationName": "X",
-    "DeviceSerialNumber": "X", "DetectorID": "X", "GantryID": "X", "GeneratorID": "X", "PlateID": "X",
-    "CassetteID": "X", "PerformedStationName": "X", "PerformedStationAETitle": "X", "PerformedLocation": "X",
-    "PerformedStationGeographicLocationCodeSequence": "X", "ScheduledStationName": "X",
-    "ScheduledStationAETitle": "X", "ScheduledStationGeographicLocationCodeSequence": "X",
-    "ScheduledStudyLocation": "X", "ScheduledStudyLocationAETitle": "X", "ScheduledProcedureStepLocation": "X",
-    "RequestedProcedureLocation": "X", "ModifyingDeviceID": "X", "ModifyingDeviceManufacturer": "X",
-    # study, request and procedure
-    "AccessionNumber": "Z", "StudyID": "Z", "StudyIDIssuer": "X", "StudyDate": "Z", "StudyTime": "Z",
-    "SeriesDate": "X", "SeriesTime": "X", "AcquisitionDate": "X", "AcquisitionTime": "X",
-    "AcquisitionDateTime": "X", "ContentDate": "Z", "ContentTime": "Z", "InstanceCreationDate": "X",
-    "InstanceCreationTime": "X", "StudyDescription": "X", "SeriesDescription": "X", "StudyComments": "X",
-    "ProtocolName": "X", "ProcedureCodeSequence": "X", "RequestAttributesSequence": "X",
-    "RequestedProcedureDescription": "X", "RequestedProcedureID": "X", "RequestedProcedureComments": "X",
-    "RequestedContrastAgent": "X", "RequestingService": "X", "ReasonForTheRequestedProcedure": "X",
-    "ReasonForStudy": "X", "PerformedProcedureStepID": "X", "PerformedProcedureStepDescription": "X",
-    "PerformedProcedureStepStartDate": "X", "PerformedProcedureStepStartTime": "X",
-    "PerformedProcedureStepEndDate": "X", "PerformedProcedureStepEndTime": "X",
-    "CommentsOnThePerformedProcedureStep": "X", "ScheduledProcedureStepDescription": "X",
-    "ScheduledProcedureStepStartDate": "X", "ScheduledProcedureStepStartTime": "X",
-    "ScheduledProcedureStepEndDate": "X", "ScheduledProcedureStepEndTime": "X",
-    "ReferencedStudySequence": "X", "ReferencedPerformedProcedureStepSequence": "X",
-    "AcquisitionComments": "X", "AcquisitionContextSequence": "X", "AcquisitionDeviceProcessingDescription": "X",
-    "ContributionDescription": "X", "DerivationDescription": "X", "SourceImageSequence": "X",
-    "ImageComments": "X", "FrameComments": "X", "IconImageSequence": "X", "TextComments": "X", "TextString": "X",
-    "TopicAuthor": "X", "TopicKeywords": "X", "TopicSubject": "X", "TopicTitle": "X", "ResultsComments": "X",
-    "ResultsIDIssuer": "X", "ResultsDistributionListSequence": "X",
-    "ConfidentialityConstraintOnPatientDataDescription": "X",
-    # bookkeeping that can carry the original values
-    "OriginalAttributesSequence": "X", "ModifiedAttributesSequence": "X", "DigitalSignaturesSequence": "X",
-    "DataSetTrailingPadding": "X",
-    # identifiers
-    "StudyInstanceUID": "U", "SeriesInstanceUID": "U", "SOPInstanceUID": "U", "FrameOfReferenceUID": "U",
-    "ReferencedSOPInstanceUID": "U", "ReferencedFrameOfReferenceUID": "U", "RelatedFrameOfReferenceUID": "U",
-    "SynchronizationFrameOfReferenceUID": "U", "InstanceCreatorUID": "U", "IrradiationEventUID": "U",
-    "ConcatenationUID": "U", "DimensionOrganizationUID": "U", "DeviceUID": "U", "StorageMediaFileSetUID": "U",
-    "TransactionUID": "U", "UID": "U",
-    # identify the de-identification itself
-    "PatientIdentityRemoved": "K", "DeidentificationMethod": "K", "DeidentificationMethodCodeSequence": "K",
-    "LongitudinalTemporalInformationModified": "K",
+COMBINED: dict[str, str] = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U*"}
+"""How each combined action of the table is resolved (see the module docstring)."""
+
+_TABLE_LISTS = {"D": "D_TAGS", "Z": "Z_TAGS", "X": "X_TAGS", "U": "U_TAGS", "Z/D": "Z_D_TAGS",
+                "X/Z": "X_Z_TAGS", "X/D": "X_D_TAGS", "X/Z/D": "X_Z_D_TAGS", "X/Z/U*": "X_Z_U_STAR_TAGS"}
+
+
+def _load_table() -> tuple[dict[int, str], tuple[tuple[int, int, int, int, str], ...]]:
+    """Table E.1-1 as ``{tag: action}`` plus the masked entries (curves ``50xx``, overlays ``60xx``)."""
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for action, name in _TABLE_LISTS.items():
+        for entry in getattr(_annex_e, name):
+            if len(entry) == 2:
+                exact[Tag(*entry)] = action
+            else:
+                group, element, group_mask, element_mask = entry
+                masked.append((group, element, group_mask, element_mask, action))
+    return exact, tuple(masked)
+
+
+TABLE, _MASKED = _load_table()
+"""``TABLE``: tag → the basic profile's action as the standard writes it (``"X/Z"`` included)."""
+
+
+def _tags(*keywords: str) -> frozenset[int]:
+    tags = {tag_for_keyword(k) for k in keywords}
+    if None in tags:  # a typo here would silently disable part of an option
+        raise RuntimeError(f"unknown DICOM keyword in {keywords}")
+    return frozenset(Tag(t) for t in tags)
+
+
+# Table E.1-1, column "Rtn. Pat. Chars. Opt.": K
+PATIENT_CHARACTERISTICS_KEEP = _tags(
+    "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "EthnicGroup", "EthnicGroupCodeSequence",
+    "PatientSexNeutered", "PregnancyStatus", "SmokingStatus")
+# Table E.1-1, column "Rtn. Pat. Chars. Opt.": C
+PATIENT_CHARACTERISTICS_CLEAN = _tags("Allergies", "PatientState", "PreMedication", "SpecialNeeds")
+# Table E.1-1, column "Rtn. Dev. Id. Opt.": K
+DEVICE_IDENTITY = _tags(
+    "CassetteID", "DetectorID", "DeviceSerialNumber", "DeviceUID", "GantryID", "GeneratorID",
+    "PerformedStationAETitle", "PerformedStationGeographicLocationCodeSequence", "PerformedStationName",
+    "PerformedStationNameCodeSequence", "PlateID", "ScheduledProcedureStepLocation", "ScheduledStationAETitle",
+    "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName", "ScheduledStationNameCodeSequence",
+    "ScheduledStudyLocation", "ScheduledStudyLocationAETitle", "SourceSerialNumber", "StationName")
+# Table E.1-1, column "Rtn. Inst. Id. Opt.": K
+INSTITUTION_IDENTITY = _tags(
+    "InstitutionAddress", "InstitutionCodeSequence", "InstitutionName", "InstitutionalDepartmentName",
+    "InstitutionalDepartmentTypeCodeSequence")
+# Table E.1-1, column "Clean Desc. Opt.": C
+DESCRIPTORS = _tags(
+    "AcquisitionComments", "AcquisitionDeviceProcessingDescription", "AcquisitionProtocolDescription",
+    "AdditionalPatientHistory", "AdmittingDiagnosesCodeSequence", "AdmittingDiagnosesDescription", "Allergies",
+    "CommentsOnThePerformedProcedureStep", "ContrastBolusAgent", "ContributionDescription",
+    "DerivationDescription", "DischargeDiagnosisDescription", "FrameComments", "IdentifyingComments",
+    "ImageComments", "ImagingServiceRequestComments", "Impressions", "InterpretationDiagnosisDescription",
+    "InterpretationText", "MedicalAlerts", "Occupation", "PatientComments", "PatientState",
+    "PerformedProcedureStepDescription", "ProtocolName", "ReasonForTheImagingServiceRequest", "ReasonForStudy",
+    "RequestAttributesSequence", "RequestedContrastAgent", "RequestedProcedureComments",
+    "RequestedProcedureDescription", "ResultsComments", "ScheduledProcedureStepDescription",
+    "SeriesDescription", "ServiceEpisodeDescription", "StudyComments", "StudyDescription", "VisitComments")
+# Columns "Rtn. Long. Full Dates Opt." (K) and "Rtn. Long. Modif. Dates Opt." (C): every date and time
+# attribute, except these two, which stay under the basic action (age is a patient characteristic).
+_NOT_TEMPORAL_OPTION = _tags("PatientBirthDate", "PatientBirthTime")
+
+KEEP_UIDS = _tags("SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
+                  "ImplementationClassUID", "CodingSchemeUID", "ContextGroupExtensionCreatorUID",
+                  "MappingResourceUID", "ContextUID", "AffectedSOPClassUID", "RequestedSOPClassUID",
+                  "RelatedGeneralSOPClassUID", "OriginalSpecializedSOPClassUID", "SOPClassesInStudy",
+                  "ReferencedSOPClassUIDInFile", "ReferencedTransferSyntaxUIDInFile",
+                  "ReferencedRelatedGeneralSOPClassUIDInFile", "PrivateInformationCreatorUID")
+"""UIDs that name classes, syntaxes or schemes, not instances: never remapped."""
+
+CID_7050: dict[str, tuple[str, str]] = {
+    "profile": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "keep": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "shift": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "private_safe_list": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
 }
+"""DICOM PS3.16 CID 7050 "De-identification Method" codes (scheme DCM) that medtl can apply."""
 
-KEEP_UIDS = frozenset({"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
-                       "ImplementationClassUID", "CodingSchemeUID", "ContextGroupExtensionCreatorUID"})
+BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "SC", "OT", "XA", "RF", "ES", "XC", "GM", "OP", "PX", "DOC"})
+"""Modalities whose images commonly carry burned-in text (ultrasound, secondary capture and other,
+angiography and fluoroscopy, endoscopy, visible-light photography and microscopy, ophthalmic photos,
+panoramic dental X-ray, scanned documents): without a BurnedInAnnotation NO they are quarantined."""
+_SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
 
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _DATE_TIME_VRS = frozenset({"DA", "DT", "TM"})
 _DUMMIES = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000Y", "IS": "0", "DS": "0",
             "PN": "ANONYMOUS", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "CS": "ANONYMIZED", "LT": "ANONYMIZED",
-            "ST": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED"}
+            "ST": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED", "AE": "ANONYMIZED"}
+_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
+_PATTERNS = re.compile("|".join((
+    r"\d+(?:\.\d+){3,}",                                   # UIDs
+    r"\d{4}[-./]\d{1,2}[-./]\d{1,2}",                      # 2020-01-31
+    r"\d{1,2}[-./]\d{1,2}[-./]\d{2,4}",                    # 31.01.2020, 1/31/20
+    r"(?:\+|\b)\d[\d ()-]{5,}\d",                           # phone numbers, IDs with separators
+    r"\d{5,}",                                             # IDs, compact dates
+)))
+_MIN_IDENTIFIER_LENGTH = 3
+
+
+@dataclass(frozen=True)
+class DeidOptions:
+    """Which PS3.15 E.3 options to apply on top of the basic profile (picklable, for worker processes).
+
+    Attributes:
+        longitudinal_temporal: ``"remove"`` (basic), ``"shift"`` (Modified Dates) or ``"keep"`` (Full Dates).
+        date_shift_max_days: with ``"shift"``, each patient's dates move back by 1..this many days.
+        retain_device_identity, retain_institution_identity, retain_patient_characteristics,
+        clean_descriptors: the options of the same names.
+        private_safe_list: ``(group, private creator, element byte)`` of private elements to keep.
+    """
+
+    longitudinal_temporal: str = "remove"
+    date_shift_max_days: int = 3650
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_patient_characteristics: bool = False
+    clean_descriptors: bool = False
+    private_safe_list: frozenset[tuple[int, str, int]] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if self.longitudinal_temporal not in ("remove", "shift", "keep"):
+            raise ValueError(f"longitudinal_temporal {self.longitudinal_temporal!r} must be remove, shift or keep")
+        if self.date_shift_max_days < 1:
+            raise ValueError(f"date_shift_max_days must be >= 1, got {self.date_shift_max_days}")
+
+    @classmethod
+    def from_config(cls, cfg: DeidConfig) -> DeidOptions:
+        """The options of an ``ingest.deid`` config section.
+
+        Args:
+            cfg: the config (its ``private_safe_list`` entries are already validated).
+
+        Returns:
+            The options.
+        """
+        rules = set()
+        for rule in cfg.private_safe_list:
+            group, creator, element = (p.strip() for p in rule.split(","))
+            rules.add((int(group, 16), creator, int(element, 16)))
+        return cls(longitudinal_temporal=cfg.longitudinal_temporal, date_shift_max_days=cfg.date_shift_max_days,
+                   retain_device_identity=cfg.retain_device_identity,
+                   retain_institution_identity=cfg.retain_institution_identity,
+                   retain_patient_characteristics=cfg.retain_patient_characteristics,
+                   clean_descriptors=cfg.clean_descriptors, private_safe_list=frozenset(rules))
+
+    def method_codes(self) -> list[tuple[str, str]]:
+        """CID 7050 ``(code value, code meaning)`` of the profile and of every option applied, in code order."""
+        names = ["profile", *(n for n in ("clean_descriptors", "retain_patient_characteristics",
+                                          "retain_device_identity", "retain_institution_identity")
+                              if getattr(self, n))]
+        if self.longitudinal_temporal != "remove":
+            names.append(self.longitudinal_temporal)
+        if self.private_safe_list:
+            names.append("private_safe_list")
+        return sorted(CID_7050[n] for n in names)
+
+
+BASIC = DeidOptions()
 
 
 def resolve_secret(cfg: DeidConfig) -> bytes:
-    """The key for UID and patient-ID hashing.
+    """The key for UID, patient-ID and date-shift hashing.
 
     Args:
         cfg: ``deid`` config; ``uid_secret`` wins over the environment variable ``uid_secret_env``.
@@ -193,23 +319,113 @@ def pseudonymise_patient_id(patient_id: str, key: bytes) -> str:
     return "P" + hmac.new(key, b"PatientID\x00" + patient_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
-def action_for(tag: BaseTag, vr: str) -> str:
-    """The Annex E action for one public element: the table first, then rules by tag and VR.
+def date_shift_days(patient_key: str, key: bytes, max_days: int) -> int:
+    """The patient's date shift for the Modified Dates option: the same for every run and batch.
+
+    Args:
+        patient_key: the original PatientID (or, without one, the StudyInstanceUID).
+        key: the secret from :func:`resolve_secret`; without it the shift cannot be recomputed.
+        max_days: largest shift.
+
+    Returns:
+        A negative number of days in ``[-max_days, -1]`` (never 0: no date survives unshifted).
+    """
+    digest = hmac.new(key, b"DateShift\x00" + patient_key.encode(), hashlib.sha256).digest()
+    return -(1 + int.from_bytes(digest[:8], "big") % max_days)
+
+
+def site_label(raw_site: str, aliases: dict[str, str], key: bytes) -> str:
+    """The hospital label written to the manifest for a raw site attribute value.
+
+    The label must name the site (validation is per hospital), but it is the one place where a value
+    read before de-identification reaches the outputs. With ``aliases`` configured the raw value never
+    does: listed sites get their alias and unlisted ones a keyed pseudonym.
+
+    Args:
+        raw_site: the value of ``ingest.site_attribute`` in the original file (may be empty).
+        aliases: ``ingest.deid.site_aliases``.
+        key: the secret from :func:`resolve_secret`.
+
+    Returns:
+        The alias; ``"site-"`` + 10 hex digits for a site missing from non-empty ``aliases``; the raw
+        value when no aliases are configured; ``""`` for an empty value.
+    """
+    raw_site = raw_site.strip()
+    if not raw_site or not aliases:
+        return raw_site
+    if raw_site in aliases:
+        return aliases[raw_site]
+    return "site-" + hmac.new(key, b"Site\x00" + raw_site.encode(), hashlib.sha256).hexdigest()[:10]
+
+
+def burned_in_annotation_risk(ds: Dataset, pixels_cleaned: bool) -> str | None:
+    """Why an image must be quarantined because its pixels may show identifying text or features.
+
+    PS3.15 E.1.1 puts burned-in text outside what header de-identification removes. An image is at risk
+    when BurnedInAnnotation (0028,0301) or RecognizableVisualFeatures (0028,0302) is YES, or when
+    BurnedInAnnotation is absent and the modality is one of :data:`BURNED_IN_MODALITIES` (or the SOP
+    class is a Secondary Capture). medtl does not clean pixels; ``pixels_cleaned`` states that this was
+    done before ingestion.
+
+    Args:
+        ds: the original dataset.
+        pixels_cleaned: ``ingest.deid.pixels_cleaned_upstream``.
+
+    Returns:
+        The quarantine reason, naming the attribute, or None when the image may be ingested.
+    """
+    if pixels_cleaned:
+        return None
+    fix = "; clean the pixels and set ingest.deid.pixels_cleaned_upstream, or leave the file out"
+    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if burned_in == "YES":
+        return "BurnedInAnnotation (0028,0301) is YES: the pixels may show identifying text" + fix
+    if str(ds.get("RecognizableVisualFeatures", "") or "").strip().upper() == "YES":
+        return "RecognizableVisualFeatures (0028,0302) is YES: the image may show the patient's face" + fix
+    if burned_in:
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    secondary_capture = str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT)
+    if modality in BURNED_IN_MODALITIES or secondary_capture:
+        what = f"Modality {modality}" if modality in BURNED_IN_MODALITIES else "a Secondary Capture SOP class"
+        return (f"BurnedInAnnotation (0028,0301) is missing and {what} commonly carries burned-in text" + fix)
+    return None
+
+
+def action_for(tag: BaseTag, vr: str, options: DeidOptions = BASIC) -> str:
+    """The action for one public element: the options' columns, then Table E.1-1, then rules by VR.
 
     Args:
         tag: the element's tag.
-        vr: its value representation.
+        vr: its value representation (the dictionary's for elements read as UN).
+        options: the options applied.
 
     Returns:
-        One of ``"X"``, ``"Z"``, ``"D"``, ``"U"``, ``"K"``.
+        ``"X"`` remove, ``"Z"`` empty, ``"D"`` dummy, ``"U"`` remap UIDs, ``"U*"`` keep the sequence and
+        clean its items, ``"K"`` keep (sequences: clean their items) or ``"C"`` clean (dates: shift;
+        text: scrub; sequences: clean their items).
     """
-    keyword = keyword_for_tag(tag)
-    if keyword in ACTIONS:
-        return ACTIONS[keyword]
-    if 0x5000 <= tag.group <= 0x50FF or (0x6000 <= tag.group <= 0x60FF and tag.element in (0x3000, 0x4000)):
-        return "X"  # curve data, overlay data and overlay comments can carry burned-in identity
+    if options.retain_institution_identity and tag in INSTITUTION_IDENTITY:
+        return "K"
+    if options.retain_device_identity and tag in DEVICE_IDENTITY:
+        return "K"
+    if options.retain_patient_characteristics:
+        if tag in PATIENT_CHARACTERISTICS_KEEP:
+            return "K"
+        if tag in PATIENT_CHARACTERISTICS_CLEAN:
+            return "C"
+    if options.clean_descriptors and tag in DESCRIPTORS:
+        return "C"
+    if vr in _DATE_TIME_VRS and options.longitudinal_temporal != "remove" and tag not in _NOT_TEMPORAL_OPTION:
+        return "K" if options.longitudinal_temporal == "keep" else "C"
+    if tag.element == 0x0000:
+        return "X"  # group lengths are wrong once anything in the group changes
+    action = TABLE.get(tag) or next((a for g, e, gm, em, a in _MASKED
+                                     if tag.group & gm == g and tag.element & em == e), None)
+    if action is not None:
+        return COMBINED.get(action, action)
     if vr == "UI":
-        return "K" if keyword in KEEP_UIDS else "U"
+        return "K" if tag in KEEP_UIDS else "U"
     if vr == "PN":
         return "Z"
     if vr in _DATE_TIME_VRS:
@@ -217,7 +433,7 @@ def action_for(tag: BaseTag, vr: str) -> str:
     return "K"
 
 
-def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25") -> Dataset:
+def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25", *, options: DeidOptions = BASIC) -> Dataset:
     """Return a de-identified copy of ``ds``; the input is not modified.
 
     The copy is built element by element instead of deep-copied (which dominated ingestion time):
@@ -228,13 +444,15 @@ def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25") -> Dataset:
         ds: the original dataset (with or without file meta).
         key: the secret from :func:`resolve_secret`.
         uid_root: root of remapped UIDs.
+        options: the PS3.15 options to apply (default: the basic profile alone).
 
     Returns:
-        The de-identified dataset with fresh file meta, and PatientIdentityRemoved,
-        DeidentificationMethod, DeidentificationMethodCodeSequence (113100) and
-        LongitudinalTemporalInformationModified set.
+        The de-identified dataset with fresh file meta, PatientIdentityRemoved, DeidentificationMethod,
+        DeidentificationMethodCodeSequence and LongitudinalTemporalInformationModified.
     """
-    out = _clean(ds, key, uid_root)
+    ctx = _Context(key=key, uid_root=uid_root, options=options, shift=_patient_shift(ds, key, options),
+                   identifiers=_identifiers(ds, options) if _scrubs(options) else ())
+    out = _clean(ds, ctx)
     original_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
     if "SOPClassUID" in out:
@@ -243,17 +461,146 @@ def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25") -> Dataset:
         meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     meta.TransferSyntaxUID = original_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
     out.file_meta = meta
+    shifted = options.longitudinal_temporal == "shift" and ctx.shift is not None
     out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = METHOD
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
-    code.CodeMeaning = "Basic Application Confidentiality Profile"
-    out.DeidentificationMethodCodeSequence = Sequence([code])
-    out.LongitudinalTemporalInformationModified = "REMOVED"
+    out.DeidentificationMethod = _method_description(shifted)
+    codes = []
+    for value, meaning in options.method_codes():
+        if value == CID_7050["shift"][0] and not shifted:
+            continue  # no PatientID or StudyInstanceUID to key a shift on: the dates were removed instead
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, "DCM", meaning
+        codes.append(code)
+    out.DeidentificationMethodCodeSequence = Sequence(codes)
+    temporal = options.longitudinal_temporal
+    out.LongitudinalTemporalInformationModified = (
+        "UNMODIFIED" if temporal == "keep" else "MODIFIED" if shifted else "REMOVED")
     return out
 
 
-def _clean(ds: Dataset, key: bytes, uid_root: str) -> Dataset:
+def _method_description(shifted: bool) -> list[str]:
+    """DeidentificationMethod (LO, 64 characters a value, VM 1-n); the options are in the code sequence."""
+    values = [f"DICOM PS3.15 E.1.1 basic profile, table {TABLE_EDITION}", "UIDs, PatientID by HMAC-SHA256"]
+    if shifted:
+        values.append("dates shifted by a keyed per-patient offset")
+    return values
+
+
+@dataclass(frozen=True)
+class _Context:
+    key: bytes
+    uid_root: str
+    options: DeidOptions
+    shift: int | None  # days; None: no basis for a shift, dates are removed
+    identifiers: tuple[re.Pattern, ...]
+
+
+def _patient_shift(ds: Dataset, key: bytes, options: DeidOptions) -> int | None:
+    if options.longitudinal_temporal != "shift":
+        return None
+    # without a PatientID one shift per study keeps the study's intervals; with neither, dates go
+    basis = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "").strip()
+    return date_shift_days(basis, key, options.date_shift_max_days) if basis else None
+
+
+def _scrubs(options: DeidOptions) -> bool:
+    return options.clean_descriptors or options.retain_patient_characteristics
+
+
+def _identifiers(ds: Dataset, options: DeidOptions) -> tuple[re.Pattern, ...]:
+    """Whole-word patterns of the identifying strings in ``ds``, longest first.
+
+    Collected: every person name (and its components) anywhere in the dataset, and the values of every
+    text or date element that the profile removes, empties or replaces (with ``^``-separated
+    components, e.g. of addresses). Free-text values are taken whole, not split into words.
+    """
+    found: set[str] = set()
+    for elem in _walk(ds):
+        vr = elem.VR if elem.VR not in (None, "UN") else _dictionary_vr(elem.tag)
+        if vr == "SQ" or elem.tag.is_private or not elem.value:
+            continue
+        if vr == "PN":
+            for value in _values(elem):
+                found.add(str(value))
+                found.update(re.split(r"[\^=\s]+", str(value)))
+            continue
+        if vr not in _TEXT_VRS | _DATE_TIME_VRS or action_for(elem.tag, vr, options) not in ("X", "Z", "D"):
+            continue
+        for value in _values(elem):
+            found.add(str(value))
+            if vr in ("LO", "SH"):
+                found.update(str(value).split("^"))
+    words = sorted({w.strip() for w in found if len(w.strip()) >= _MIN_IDENTIFIER_LENGTH}, key=len, reverse=True)
+    return tuple(re.compile(r"(?<!\w)" + re.escape(w) + r"(?!\w)", re.IGNORECASE) for w in words)
+
+
+def _walk(ds: Dataset) -> Iterator[DataElement]:
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _walk(item)
+
+
+def _values(elem: DataElement) -> list:
+    return list(elem.value) if elem.VM > 1 else [elem.value]
+
+
+def scrub_text(text: str, identifiers: Iterable[re.Pattern]) -> str:
+    """The Clean Descriptors cleaning of one text value.
+
+    Args:
+        text: a description or comment.
+        identifiers: whole-word patterns of the patient's identifying strings (see :func:`deidentify`).
+
+    Returns:
+        ``text`` with each identifier, anything date-like, UIDs and digit runs of five or more replaced
+        by ``***``.
+    """
+    for pattern in identifiers:
+        text = pattern.sub(SCRUBBED, text)
+    return _PATTERNS.sub(SCRUBBED, text)
+
+
+def shift_date(value: str, vr: str, days: int) -> str | None:
+    """Move one DA or DT value by ``days``, keeping its precision, time of day and UTC offset.
+
+    Args:
+        value: the DICOM value (``YYYYMMDD``; DT ``YYYY[MM[DD[HH...]]][&ZZXX]``; legacy ``YYYY.MM.DD``).
+        vr: ``"DA"`` or ``"DT"`` (``"TM"`` values are returned unchanged: a whole-day shift keeps times).
+        days: the shift.
+
+    Returns:
+        The shifted value, or None when the value is not a date (the caller removes it).
+    """
+    value = value.strip()
+    if vr == "TM" or not value:
+        return value
+    if vr == "DA":
+        value = value.replace(".", "") if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", value) else value
+        date = _parse_date(value[:8]) if re.fullmatch(r"\d{8}", value) else None
+        return None if date is None else (date + dt.timedelta(days=days)).strftime("%Y%m%d")
+    match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{0,6}(?:\.\d{1,6})?)?([+-]\d{4})?", value)
+    if match is None:
+        return None
+    year, month, day, rest, offset = match.groups()
+    # a partial date is shifted from the middle of its period and written back at its own precision
+    base, width = ((f"{year}0701", 4) if month is None else (f"{year}{month}15", 6) if day is None
+                   else (f"{year}{month}{day}", 8))
+    date = _parse_date(base)
+    if date is None:
+        return None
+    return (date + dt.timedelta(days=days)).strftime("%Y%m%d")[:width] + (rest or "") + (offset or "")
+
+
+def _parse_date(text: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _clean(ds: Dataset, ctx: _Context) -> Dataset:
     out = Dataset()
     # kept elements are copied still encoded: with the same encoding the writer emits their bytes
     # as they are, which makes de-identification and re-encoding several times faster
@@ -262,30 +609,71 @@ def _clean(ds: Dataset, key: bytes, uid_root: str) -> Dataset:
         out.set_original_encoding(implicit, little, ds.original_character_set)
     for tag in ds.keys():
         if tag.is_private:
+            if _safe_private(ds, tag, ctx.options.private_safe_list):
+                out[tag] = ds.get_item(tag)
             continue
         raw = ds.get_item(tag)
         # an element stored as UN (or implicitly) is judged by the VR the dictionary gives its tag
         vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
-        action = action_for(tag, vr)
+        action = action_for(tag, vr, ctx.options)
         if action == "X":
             continue
         if action == "K" and vr != "SQ":
             out[tag] = raw
             continue
-        elem = ds[tag]
-        if action == "Z":
-            elem = DataElement(tag, elem.VR, Sequence() if elem.VR == "SQ" else "")
-        elif action == "D":
-            elem = DataElement(tag, elem.VR, _dummy(elem, key))
-        elif action == "U" and elem.value:
-            values = elem.value if elem.VM > 1 else [elem.value]
-            mapped = [v if str(v).startswith(WELL_KNOWN_UID_ROOT) else remap_uid(str(v), key, uid_root)
-                      for v in values]
-            elem = DataElement(tag, elem.VR, mapped if elem.VM > 1 else mapped[0])
-        elif elem.VR == "SQ":
-            elem = DataElement(tag, elem.VR, Sequence([_clean(item, key, uid_root) for item in elem.value]))
-        out[tag] = elem
+        elem = _apply(ds[tag], action, ctx)
+        if elem is not None:
+            out[tag] = elem
     return out
+
+
+def _apply(elem: DataElement, action: str, ctx: _Context) -> DataElement | None:
+    """One element after ``action`` (not X); None removes it."""
+    tag, vr = elem.tag, elem.VR
+    if action == "U*" and vr != "SQ":
+        action = "U" if vr == "UI" else "Z"
+    if vr == "SQ":
+        if action in ("Z", "D"):
+            return DataElement(tag, vr, Sequence())
+        return DataElement(tag, vr, Sequence([_clean(item, ctx) for item in elem.value]))
+    if action == "Z" or (action == "D" and vr not in _DUMMIES and vr != "UI"):
+        return DataElement(tag, vr, None if vr not in _TEXT_VRS | _DATE_TIME_VRS | {"AS", "IS", "DS", "UI"} else "")
+    if not elem.value:
+        return DataElement(tag, vr, elem.value)
+    values = _values(elem)
+    if action == "U" or (action == "D" and vr == "UI"):
+        mapped = [v if str(v).startswith(WELL_KNOWN_UID_ROOT) else remap_uid(str(v), ctx.key, ctx.uid_root)
+                  for v in values]
+    elif action == "D" and elem.keyword == "PatientID":
+        # an absent ID stays absent rather than becoming one pseudonym shared by every unknown patient
+        mapped = [pseudonymise_patient_id(str(values[0]), ctx.key)]
+    elif action == "D":
+        mapped = [_DUMMIES[vr]]
+    elif vr in _DATE_TIME_VRS:  # "C": the Modified Dates option
+        if ctx.shift is None:
+            return None
+        mapped = [shift_date(str(v), vr, ctx.shift) for v in values]
+        if None in mapped:
+            return None  # not a date we can shift: removing it is the safe choice
+    elif vr in _TEXT_VRS:  # "C": cleaned text
+        mapped = [scrub_text(str(v), ctx.identifiers)[:_MAX_LENGTH.get(vr, 1 << 30)] for v in values]
+    else:
+        return DataElement(tag, vr, None)  # "C" of a binary value: nothing to keep
+    return DataElement(tag, vr, mapped if len(mapped) > 1 else mapped[0])
+
+
+def _safe_private(ds: Dataset, tag: BaseTag, rules: frozenset[tuple[int, str, int]]) -> bool:
+    """Whether a private element (or its private creator) is on the safe list."""
+    if not rules or tag.element < 0x0010:
+        return False
+    if tag.element <= 0x00FF:  # a private creator: kept when one of its elements is
+        creator = str(ds[tag].value).strip()
+        return any(group == tag.group and name == creator for group, name, _ in rules)
+    creator_tag = Tag(tag.group, tag.element >> 8)
+    if creator_tag not in ds:
+        return False
+    creator = str(ds[creator_tag].value).strip()
+    return (tag.group, creator, tag.element & 0xFF) in rules
 
 
 def _dictionary_vr(tag: BaseTag) -> str:
@@ -295,10 +683,7 @@ def _dictionary_vr(tag: BaseTag) -> str:
         return "UN"
 
 
-def _dummy(elem: DataElement, key: bytes) -> object:
-    if elem.keyword == "PatientID":
-        # an absent ID stays absent rather than becoming one pseudonym shared by every unknown patient
-        return pseudonymise_patient_id(str(elem.value), key) if elem.value else ""
-    if elem.VR == "SQ":
-        return Sequence()
-    return _DUMMIES.get(elem.VR, "")
+__all__ = ["BASIC", "BURNED_IN_MODALITIES", "CID_7050", "COMBINED", "DEVELOPMENT_KEY", "DeidOptions", "TABLE",
+           "action_for", "burned_in_annotation_risk", "check_uid_root", "date_shift_days", "deidentify",
+           "pseudonymise_patient_id", "remap_uid", "resolve_secret", "scrub_text",
+           "shift_date", "site_label"]

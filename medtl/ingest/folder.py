@@ -21,11 +21,11 @@ import logging
 import math
 import os
 import shutil
+import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +35,21 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from medtl.config import IngestConfig
-from medtl.ingest.deid import check_uid_root, deidentify, resolve_secret
+from medtl.ingest.deid import (DeidOptions, burned_in_annotation_risk, check_uid_root, deidentify, resolve_secret,
+                               site_label)
 from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, ledger_path, merge_manifest,
                                    load_ledger, read_manifest, write_table_atomic)
-from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate
+from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate, voi_window
+from medtl.ingest.sandbox import available_cpus, sandboxed_map
+from medtl.ingest.volume import (RejectedSeries, SeriesGroup, SliceHeader, Volume, assemble, group_series,
+                                 is_volume_series, read_slice_headers, write_nifti)
 from medtl.workspace import Workspace
 
 logger = logging.getLogger("medtl.ingest")
 
 _HASH_CHUNK = 1 << 20
+CHECKPOINT_SECONDS = 30.0
+_PARTIAL_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,11 @@ class _Settings:
     key: bytes
     uid_root: str
     keep_dicom: bool
+    deid: DeidOptions
+    site_aliases: dict[str, str]
+    pixels_cleaned_upstream: bool
+    windowing: str
+    max_decoded_bytes: int
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class _Result:
     array: np.ndarray | None = None
     dicom: bytes | None = None
     record: dict = field(default_factory=dict)
+    headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
 
 
 def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
@@ -123,25 +135,38 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
         raise FileNotFoundError(f"ingest.labels_csv {labels_csv} does not exist")
     settings = _Settings(image_size=cfg.image_size, spatial_dims=cfg.spatial_dims,
                          site_attribute=cfg.site_attribute, key=resolve_secret(cfg.deid),
-                         uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom)
+                         uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
+                         deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
+                         pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream,
+                         windowing=cfg.windowing, max_decoded_bytes=cfg.max_decoded_mib * 1024**2)
 
     files = discover(input_dir, skip=[labels_csv, ws.ingest])
     labels = read_labels(labels_csv, {rel for rel, _ in files}) if labels_csv.is_file() else {}
     for folder in (ws.ingest / "arrays", ws.quarantine, *([ws.ingest / "dicom"] if cfg.deid.keep_dicom else [])):
         folder.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(ws.ingest)
     stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
     ledger, manifest = drop_missing_images(stored_ledger, stored_manifest, ws)
     logger.info("ingesting %d files from %s", len(files), input_dir)
 
-    plan = _plan(files, ledger)
-    new_rows, ingested_rows = _process(plan.jobs, settings, cfg.workers, manifest, ws)
-    new_ledger = _concat(ledger, as_table(plan.duplicates + new_rows, LEDGER_COLUMNS), LEDGER_COLUMNS)
-    new_manifest = apply_labels(merge_manifest(manifest, as_table(ingested_rows, MANIFEST_COLUMNS)),
-                                new_ledger, labels)
-    if not ledger_path(ws).is_file() or not new_ledger.equals(stored_ledger):
-        write_table_atomic(new_ledger, ledger_path(ws))
-    if not ws.manifest.is_file() or not new_manifest.equals(stored_manifest):
-        write_table_atomic(new_manifest, ws.manifest)
+    plan = _plan(files, ledger, input_dir)
+
+    def save(new_rows: list[dict], ingested_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        # Manifest first: a kill between the two writes leaves rows the ledger does not know yet, which the next
+        # run ingests again and merges away by content hash, never a ledger entry without its manifest row.
+        new_ledger = _concat(ledger, as_table(plan.duplicates + new_rows, LEDGER_COLUMNS), LEDGER_COLUMNS)
+        new_manifest = apply_labels(merge_manifest(manifest, as_table(ingested_rows, MANIFEST_COLUMNS)),
+                                    new_ledger, labels)
+        new_ledger = new_ledger.sort_values("path", kind="stable", ignore_index=True)
+        new_manifest = new_manifest.sort_values("image", kind="stable", ignore_index=True)
+        if not ws.manifest.is_file() or not new_manifest.equals(stored_manifest):
+            write_table_atomic(new_manifest, ws.manifest)
+        if not ledger_path(ws).is_file() or not new_ledger.equals(stored_ledger):
+            write_table_atomic(new_ledger, ledger_path(ws))
+        return new_ledger, new_manifest
+
+    new_rows, ingested_rows = _process(plan.jobs, settings, cfg, manifest, ws, checkpoint=save)
+    new_ledger, new_manifest = save(new_rows, ingested_rows)
 
     counts = Counter(status for status, _ in plan.already)
     counts.update(row["status"] for row in plan.duplicates + new_rows)
@@ -161,16 +186,27 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
 @dataclass
 class _Plan:
     jobs: list[_Job] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)  # ledger rows
+    duplicates: list[dict] = field(default_factory=list)  # ledger rows decided without parsing (also refused links)
     already: list[tuple[str, str]] = field(default_factory=list)  # (status, content hash) from earlier runs
 
 
-def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame) -> _Plan:
+def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame, input_dir: Path) -> _Plan:
     """Decide every file's fate from its content hash before doing any expensive work."""
     done = dict(zip(zip(ledger["path"], ledger["content_hash"]), ledger["status"]))
     owner = {h: p for p, h, s in zip(ledger["path"], ledger["content_hash"], ledger["status"]) if s != "duplicate"}
+    root = input_dir.resolve()
     plan = _Plan()
     for rel, path in files:
+        target = path.resolve()
+        if path.is_symlink() and not target.is_relative_to(root):
+            # Reading through it could pull in any file the process may read; it is accounted for, never followed.
+            link_hash = hashlib.sha256(f"symlink:{os.readlink(path)}".encode()).hexdigest()
+            if (rel, link_hash) in done:
+                plan.already.append((done[(rel, link_hash)], link_hash))
+            else:
+                plan.duplicates.append(_ledger_row(rel, link_hash, "quarantined", "symbolic link to a file outside "
+                                                   "the input folder: not followed; copy the file in instead"))
+            continue
         content_hash = file_sha256(path)
         status = done.get((rel, content_hash))
         if status is not None:
@@ -184,14 +220,23 @@ def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame) -> _Plan:
     return plan
 
 
-def _process(jobs: list[_Job], settings: _Settings, workers: int, manifest: pd.DataFrame,
-             ws: Workspace) -> tuple[list[dict], list[dict]]:
-    """Ingest or quarantine each job; returns its ledger rows and the new manifest rows."""
+def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest: pd.DataFrame, ws: Workspace,
+             checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
+    """Ingest or quarantine each job; returns its ledger rows and the new manifest rows.
+
+    ``checkpoint(ledger_rows, manifest_rows)`` is called every :data:`CHECKPOINT_SECONDS` so that a run
+    that is killed loses at most that much work.
+    """
+    last_checkpoint = time.monotonic()
     sop_owner = dict(zip(manifest["sop_uid"], manifest["content_hash"]))
     ledger_rows: list[dict] = []
     manifest_rows: list[dict] = []
-    for i, result in enumerate(_run(jobs, settings, workers), start=1):
+    slices: list[_Result] = []
+    for i, result in enumerate(_run(jobs, settings, cfg), start=1):
         job = result.job
+        if result.headers and not result.reason:
+            slices.append(result)
+            continue
         sop = result.record.get("sop_uid", "")
         if not result.reason and sop_owner.get(sop, job.content_hash) != job.content_hash:
             result.reason = (f"SOPInstanceUID collision: another file with different content already has this "
@@ -206,7 +251,103 @@ def _process(jobs: list[_Job], settings: _Settings, workers: int, manifest: pd.D
             ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "ingested", ""))
         if i % max(1, len(jobs) // 10) == 0 or i == len(jobs):
             logger.info("processed %d/%d new files", i, len(jobs))
+        if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+            checkpoint(ledger_rows, manifest_rows)
+            last_checkpoint = time.monotonic()
+    if slices:
+        _process_series(slices, settings, cfg, ws, ledger_rows, manifest_rows, checkpoint)
     return ledger_rows, manifest_rows
+
+
+@dataclass
+class _SeriesResult:
+    reason: str = ""
+    volume: Volume | None = None
+    array: np.ndarray | None = None
+
+
+def assemble_series(group: SeriesGroup, image_size: int) -> _SeriesResult:
+    """Assemble one series into its exact volume and its model-ready array; never raises.
+
+    Args:
+        group: slices of one series (headers without their datasets; pixels are read here).
+        image_size: side of the stored cubic array.
+
+    Returns:
+        The volume and the ``(1, S, S, S)`` array in [0, 1] (a 4D series contributes its first volume),
+        or the reason the series cannot be assembled.
+    """
+    try:
+        volume = assemble(group)
+    except (RejectedSeries, RejectedFile) as exc:
+        return _SeriesResult(reason=str(exc))
+    slope, intercept = volume.scaling
+    values = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
+    try:
+        array = preprocess(values.astype(np.float64) * slope + intercept, image_size)
+    except RejectedFile as exc:
+        return _SeriesResult(reason=str(exc))
+    return _SeriesResult(volume=volume, array=array.astype(np.float32))
+
+
+def _process_series(slices: list[_Result], settings: _Settings, cfg: IngestConfig, ws: Workspace,
+                    ledger_rows: list[dict], manifest_rows: list[dict],
+                    checkpoint: Callable[[list[dict], list[dict]], object]) -> None:
+    """3D: group the new files' slices into series, assemble each in the sandbox, write NIfTI + arrays."""
+    by_path = {r.job.path: r for r in slices}
+    fate: dict[Path, tuple[str, str]] = {}  # a file can hold slices of several groups: the first fate wins
+    volumes = []
+    for group in group_series(h for r in slices for h in r.headers):
+        if is_volume_series(group):
+            volumes.append(group)
+        else:
+            for path in group.files:
+                fate.setdefault(path, ("quarantined", "2D image (one slice position, or no ImagePositionPatient / "
+                                                      "ImageOrientationPatient) but ingest.spatial_dims is 3; "
+                                                      "ingest it with spatial_dims: 2"))
+    results = sandboxed_map(functools.partial(assemble_series, image_size=settings.image_size), volumes,
+                            workers=max(1, min(cfg.workers or available_cpus(), len(volumes))),
+                            memory_mb=cfg.worker_memory_mb, timeout_s=cfg.file_timeout_s * 10,
+                            on_failure=lambda group, reason: _SeriesResult(reason=reason))
+    (ws.ingest / "volumes").mkdir(parents=True, exist_ok=True)
+    for group, result in zip(volumes, results):
+        members = [by_path[p] for p in group.files]
+        if result.reason:
+            for path in group.files:
+                fate.setdefault(path, ("quarantined", f"{group.describe()}: {result.reason}"))
+            continue
+        dropped = set(result.volume.dropped_files)
+        for path in group.files:
+            fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as a kept slice")
+                            if path in dropped else ("ingested", ""))
+        kept = [r for r in members if r.job.path not in dropped]
+        manifest_rows.append(_store_volume(group, result, kept, ws))
+    for path, result in by_path.items():
+        status, reason = fate[path]
+        if status == "quarantined":
+            _quarantine(result.job, ws.quarantine)
+            logger.warning("quarantined %s: %s", result.job.relpath, reason)
+        elif status == "ingested" and result.dicom is not None:
+            _write_atomic(ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm", result.dicom)
+        ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason))
+    checkpoint(ledger_rows, manifest_rows)
+
+
+def _store_volume(group: SeriesGroup, result: _SeriesResult, members: list[_Result], ws: Workspace) -> dict:
+    record = dict(members[0].record)
+    # The de-identified series UID names the outputs: SeriesDescription could carry identifying text.
+    stem = record["series_uid"] + (f"_{group.part}" if group.part else "")
+    nifti = Path("volumes") / f"{stem}.nii"
+    write_nifti(result.volume, ws.ingest / nifti)
+    image = Path("arrays") / f"{stem}.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, result.array)
+    _write_atomic(ws.ingest / image, buffer.getvalue())
+    digest = hashlib.sha256("".join(sorted(r.job.content_hash for r in members)).encode()).hexdigest()
+    shape = result.volume.data.shape
+    record.update(image=image.as_posix(), volume=nifti.as_posix(), label=pd.NA, content_hash=digest,
+                  sop_uid="", rows=int(shape[1]), columns=int(shape[0]))
+    return record
 
 
 def drop_missing_images(ledger: pd.DataFrame, manifest: pd.DataFrame,
@@ -231,6 +372,23 @@ def drop_missing_images(ledger: pd.DataFrame, manifest: pd.DataFrame,
         logger.warning("%d previously ingested files lost their array or manifest row; ingesting them again",
                        int(lost.sum()))
     return ledger[~lost].reset_index(drop=True), manifest
+
+
+def remove_partial_files(root: Path) -> int:
+    """Delete the temporary files a killed run left behind (``.<name>.tmp``), so none is ever mistaken for output.
+
+    Args:
+        root: the ingest folder.
+
+    Returns:
+        How many were removed.
+    """
+    partial = [p for p in root.rglob(f".*{_PARTIAL_SUFFIX}*") if p.is_file()]
+    for path in partial:
+        path.unlink()
+    if partial:
+        logger.info("removed %d partial files left by an interrupted run", len(partial))
+    return len(partial)
 
 
 def discover(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, Path]]:
@@ -354,23 +512,14 @@ def _concat(first: pd.DataFrame, second: pd.DataFrame, columns: dict[str, str]) 
 
 
 # ----------------------------------------------------------------------------------------------
-# per-file work (runs in worker processes when cfg.workers != 1)
+# per-file work (runs in sandboxed worker processes: medtl.ingest.sandbox)
 
 
-def _run(jobs: list[_Job], settings: _Settings, workers: int) -> Iterator[_Result]:
-    n = min(_n_workers(workers), len(jobs))
-    work = functools.partial(ingest_file, settings=settings)
-    if n <= 1:
-        yield from map(work, jobs)
-        return
-    with ProcessPoolExecutor(max_workers=n) as pool:
-        yield from pool.map(work, jobs, chunksize=max(1, min(32, len(jobs) // (4 * n))))
-
-
-def _n_workers(requested: int) -> int:
-    if requested > 0:
-        return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _run(jobs: list[_Job], settings: _Settings, cfg: IngestConfig) -> Iterator[_Result]:
+    workers = max(1, min(cfg.workers or available_cpus(), len(jobs)))
+    return sandboxed_map(functools.partial(ingest_file, settings=settings), jobs, workers=workers,
+                         memory_mb=cfg.worker_memory_mb, timeout_s=cfg.file_timeout_s,
+                         on_failure=lambda job, reason: _Result(job, reason=reason))
 
 
 def ingest_file(job: _Job, settings: _Settings) -> _Result:
@@ -385,12 +534,25 @@ def ingest_file(job: _Job, settings: _Settings) -> _Result:
         and the manifest fields.
     """
     try:
-        ds = read_dataset(job.path)
-        validate(ds, settings.spatial_dims)
+        ds = read_dataset(job.path, max_bytes=settings.max_decoded_bytes)
+        if is_dicomdir(ds):
+            raise RejectedFile(dicomdir_reason(ds))
         if "SOPInstanceUID" not in ds:
             raise RejectedFile("no SOPInstanceUID (0008,0018): the image cannot be identified")
-        array = preprocess(decode(ds), settings.image_size)
-        site = str(ds.get(settings.site_attribute, "") or "").strip()
+        if risk := burned_in_annotation_risk(ds, settings.pixels_cleaned_upstream):
+            raise RejectedFile(risk)
+        array, headers = None, []
+        if settings.spatial_dims == 2:
+            validate(ds, 2, max_decoded_bytes=settings.max_decoded_bytes)
+            array = _model_array(ds, settings)
+        else:
+            validate(ds, 2 if _frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
+            # pixels are decoded per series, once every slice of it is known
+            headers = [replace(h, dataset=None) for h in read_slice_headers(job.path)]
+            if _frames(ds) > 1 and not any(h.has_geometry for h in headers):
+                headers = []  # a multi-frame file without patient geometry: its frames are the slices, no NIfTI
+                array = _model_array(ds, settings)
+        site = site_label(str(ds.get(settings.site_attribute, "") or ""), settings.site_aliases, settings.key)
         record = {
             "hospital": site or (job.relpath.split("/")[0] if "/" in job.relpath else "unknown"),
             "vendor": str(ds.get("Manufacturer", "") or ""),
@@ -401,15 +563,56 @@ def ingest_file(job: _Job, settings: _Settings) -> _Result:
             "columns": int(ds.Columns),
             "pixel_spacing_mm": _pixel_spacing(ds),
         }
-        clean = deidentify(ds, settings.key, settings.uid_root)
+        clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
                       series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
-        return _Result(job, array=array.astype(np.float32), record=record,
+        return _Result(job, array=array, record=record, headers=headers,
                        dicom=_encode(clean) if settings.keep_dicom else None)
     except RejectedFile as exc:
         return _Result(job, reason=str(exc))
     except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
         return _Result(job, reason=f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
+
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def is_dicomdir(ds: Dataset) -> bool:
+    """Whether ``ds`` is a media directory (DICOMDIR) rather than an image."""
+    return ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds
+
+
+def dicomdir_reason(ds: Dataset) -> str:
+    """The quarantine reason of a DICOMDIR, naming file IDs that would escape the folder.
+
+    Ingestion walks the folder itself and never follows a DICOMDIR's references, so the files it lists are
+    ingested (or not) as ordinary files, and a file ID like ``../../etc/passwd`` is never opened.
+    """
+    file_ids = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        value = record.get("ReferencedFileID")
+        if value is not None:
+            parts = [value] if isinstance(value, str) else list(value)
+            file_ids.append("/".join(str(p) for p in parts))
+    escaping = [f for f in file_ids if f.startswith("/") or ".." in f.replace("\\", "/").split("/")]
+    reason = (f"DICOMDIR (media directory index, no image): its {len(file_ids)} referenced files are ingested as "
+              "ordinary files of the folder")
+    if escaping:
+        reason += (f"; {len(escaping)} file IDs point outside the folder and were never opened, e.g. "
+                   f"{escaping[0]!r}")
+    return reason
+
+
+def _model_array(ds: Dataset, settings: _Settings) -> np.ndarray:
+    voi = voi_window(ds) if settings.windowing == "dicom" else None
+    return preprocess(decode(ds), settings.image_size, voi=voi).astype(np.float32)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _pixel_spacing(ds: Dataset) -> float:
@@ -441,17 +644,17 @@ def _store(result: _Result, ws: Workspace) -> dict:
     _write_atomic(ws.ingest / image, buffer.getvalue())
     if result.dicom is not None:
         _write_atomic(ws.ingest / "dicom" / f"{sop}.dcm", result.dicom)
-    return {**result.record, "image": image.as_posix(), "label": pd.NA}
+    return {**result.record, "image": image.as_posix(), "volume": "", "label": pd.NA}
 
 
 def _quarantine(job: _Job, quarantine: Path) -> None:
     target = quarantine / f"{job.content_hash[:16]}_{job.path.name}"
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
     shutil.copyfile(job.path, tmp)
     os.replace(tmp, target)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}{_PARTIAL_SUFFIX}")
     tmp.write_bytes(data)
     os.replace(tmp, path)

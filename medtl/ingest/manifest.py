@@ -20,6 +20,7 @@ from medtl.workspace import Workspace
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image": "str",  # relative to the ingest folder
+    "volume": "str",  # 3D: the series' exact NIfTI (volumes/<series>.nii), relative to the ingest folder; else ""
     "label": "Int64",
     "patient_id": "str",
     "study_uid": "str",

@@ -5,50 +5,103 @@ recorded in the ledger, so a person can tell from the ledger alone what is wrong
 
 The array convention is the manifest's: ``float32``, shape ``(1, S, S)`` (or ``(1, S, S, S)`` for a
 multi-frame volume), values in [0, 1], bright = dense.
+
+The reader assumes nothing a file declares until it has checked it: the file is read from memory so
+that a lying element length cannot make the parser allocate more than the file holds, sequence
+nesting is bounded, and the decoded size that Rows, Columns, NumberOfFrames and SamplesPerPixel
+imply, and the size every compressed frame's own codestream declares, are checked against a budget
+before any pixel is decoded (a decompression bomb is a few bytes that declare terabytes).
+
+References: DICOM PS3.3 C.7.6.3 (Image Pixel module), C.11.1 (Modality LUT), C.11.2 (VOI LUT),
+PS3.5 8 (pixel data encoding), A.4 (encapsulation); ITU-R BT.601 (luma weights).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import math
+import re
+import struct
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.tag import Tag
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, MediaStorageDirectoryStorage)
 
 MIN_SIDE, MAX_SIDE = 8, 16384
 WINDOW_PERCENTILES = (0.5, 99.5)
+# Budget on the decoded pixels: stored samples plus the float64 grey copy (ingest.max_decoded_mib).
+# Decoding and preprocessing one image peak at about 2.6 times this (measured: docs/decoding.md), so the default
+# fits the default 3 GB worker address space; it admits a 512 x 512 x 384 CT volume or a 9000 x 11000
+# radiograph, and larger studies (breast tomosynthesis) need a larger budget and worker limit.
+MAX_DECODED_BYTES = 768 * 1024**2
+# Real images nest a handful of levels (enhanced multi-frame functional groups: 3); deeper
+# nesting only serves to exhaust a recursive parser.
+MAX_SEQUENCE_DEPTH = 32
+# ITU-R BT.601 luma, which is also the Y of DICOM's YBR_FULL (PS3.3 C.7.6.3.1.2)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_IMAGE_PIXEL_TYPE1 = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                      "PhotometricInterpretation")
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 and JPEG-LS SOF55
 
 
 class RejectedFile(Exception):
     """A file that cannot be ingested; ``str(exc)`` is the quarantine reason."""
 
 
-def read_dataset(path: Path) -> Dataset:
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_dataset(path: Path, *, max_bytes: int = MAX_DECODED_BYTES) -> Dataset:
     """Parse a DICOM file, also accepting datasets written without the Part 10 preamble or file meta.
+
+    The file is read into memory first (at most ``max_bytes``) and parsed from there, so that an
+    element declaring a length of gigabytes makes the parser read what the file holds, not
+    allocate what it declares. Every element whose value the file cuts short is reported, and
+    sequence nesting is checked to :data:`MAX_SEQUENCE_DEPTH` levels.
 
     Args:
         path: the file.
+        max_bytes: files larger than this are refused unread.
 
     Returns:
         The parsed dataset (pixel data included) with a Transfer Syntax UID in its file meta.
 
     Raises:
-        RejectedFile: when the file is not DICOM or cannot be parsed.
+        RejectedFile: when the file is empty, too large, not DICOM, truncated or cannot be parsed.
     """
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        ds = _read_raw_dataset(path)
-        if ds is None:
-            raise RejectedFile("not a DICOM file (no DICM preamble and no valid dataset): "
-                               f"InvalidDicomError: {exc}") from exc
-    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
-        raise RejectedFile(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+    size = path.stat().st_size
+    if size == 0:
+        raise RejectedFile("empty file (0 bytes)")
+    if size > max_bytes:
+        raise RejectedFile(f"file is {_human(size)}, larger than the {_human(max_bytes)} decode budget "
+                           "(ingest.max_decoded_mib); raise the budget if such files are expected")
+    data = path.read_bytes()
+    # pydicom warns once per odd value; the reasons below say what matters, the rest is log noise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = _parse(data)
+        _check_complete(ds, data, [str(w.message) for w in caught])
+        try:
+            _check_nesting(ds, depth=0)
+        except RecursionError as exc:  # a recursion limit lowered by the caller; never expected
+            raise RejectedFile(f"sequences nested too deeply to parse: {exc}") from exc
     if "TransferSyntaxUID" not in ds.file_meta:
         # without file meta the encoding the parser detected is the transfer syntax
         implicit, little = ds.original_encoding
@@ -57,76 +110,320 @@ def read_dataset(path: Path) -> Dataset:
     return ds
 
 
-def _read_raw_dataset(path: Path) -> Dataset | None:
-    """Old exports omit the 128-byte preamble and file meta; keep them only if they hold an image."""
+def _parse(data: bytes) -> Dataset:
     try:
-        ds = pydicom.dcmread(path, force=True)
-        return ds if "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds) else None
-    except Exception:  # forced parsing of a non-DICOM file fails in arbitrary ways
-        return None
+        return pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        # Old exports omit the 128-byte preamble and file meta; keep them only if they hold an image.
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception:  # forced parsing of a non-DICOM file fails in arbitrary ways
+            ds = None
+        if ds is None or not ("SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)):
+            message = str(exc).split(" Use force=True")[0]
+            raise RejectedFile("not a DICOM file (no DICM preamble and no valid dataset): "
+                               f"InvalidDicomError: {message}{_looks_like(data)}") from exc
+        return ds
+    except RecursionError as exc:
+        raise RejectedFile("sequences nested too deeply to parse (undefined-length sequences nested beyond "
+                           "Python's recursion limit); no real image nests more than a few levels") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
+        raise RejectedFile(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
 
 
-def validate(ds: Dataset, spatial_dims: int) -> None:
-    """Check that ``ds`` holds one decodable grayscale image of the expected dimensionality.
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"%PDF": "a PDF document",
+          b"PK\x03\x04": "a ZIP archive", b"\x1f\x8b": "a gzip archive", b"II*\x00": "a TIFF image",
+          b"MM\x00*": "a TIFF image", b"\x5c\x01\x00\x00": "a NIfTI-1 header", b"{": "JSON or text"}
+
+
+def _looks_like(data: bytes) -> str:
+    """What a non-DICOM file seems to be, for the quarantine reason (`` (looks like ...)`` or empty)."""
+    for magic, kind in _MAGIC.items():
+        if data.startswith(magic):
+            return f" (looks like {kind})"
+    head = data[:512]
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return " (looks like text)"
+    return ""
+
+
+def _check_complete(ds: Dataset, data: bytes, parser_warnings: list[str]) -> None:
+    """Turn the parser's silent stops at the end of a cut file into a truncation reason.
+
+    pydicom stops without a word when the file ends inside an element header, and keeps a short
+    value when it ends inside an element's value; both are visible only by comparing the parsed
+    elements with the bytes.
+    """
+    for message in parser_warnings:
+        if "End of file" in message:
+            raise RejectedFile(f"truncated: {message.split(' in file ')[0]}")
+    elements = list(ds.elements())
+    last = elements[-1] if elements else None
+    if (isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF
+            and _file_meta(ds).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian):
+        rest = data[last.value_tell + last.length:]
+        if 0 < len(rest) < 12 and any(rest):  # zero bytes are padding; a cut header has a tag
+            raise RejectedFile(f"truncated: the file ends inside the header of the element after "
+                               f"{_name(last.tag)} ({len(rest)} bytes of it present)")
+    for elem in elements:
+        if (isinstance(elem, RawDataElement) and isinstance(elem.value, bytes)
+                and elem.length != 0xFFFFFFFF and len(elem.value) < elem.length):
+            if elem.tag == 0x7FE00010:
+                return  # validate() states the pixel shortfall in pixels
+            raise RejectedFile(f"truncated: the file ends inside {_name(elem.tag)}, which declares "
+                               f"{elem.length} bytes ({len(elem.value)} present)")
+    if len(ds) == 0:
+        raise RejectedFile("no data elements: the dataset after the file meta is empty")
+
+
+def _check_nesting(ds: Dataset, depth: int) -> None:
+    """Convert every element (so that bad values surface here, named) and bound sequence depth."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except Exception as exc:  # value conversion of a corrupt element
+            raise RejectedFile(f"cannot parse {_name(tag)}: {type(exc).__name__}: {exc}") from exc
+        if elem.VR != "SQ":
+            continue
+        if depth >= MAX_SEQUENCE_DEPTH:
+            raise RejectedFile(f"sequences nested more than {MAX_SEQUENCE_DEPTH} levels deep (at {_name(tag)}); "
+                               "no real image nests more than a few levels")
+        for item in elem.value:
+            _check_nesting(item, depth + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation: everything about the header, before any pixel is decoded
+
+
+def validate(ds: Dataset, spatial_dims: int, *, max_decoded_bytes: int = MAX_DECODED_BYTES) -> None:
+    """Check that ``ds`` holds one decodable image of the expected dimensionality, within budget.
+
+    Grey-scale (MONOCHROME1/2), palette and colour (RGB, YBR_*) images are accepted; colour ones
+    are reduced to their luminance by :func:`decode`. Nothing here allocates according to a size
+    the file declares: the decoded size is computed from the header and compared with
+    ``max_decoded_bytes`` first, and each compressed frame's codestream header is compared with
+    Rows and Columns, because decoders allocate what the codestream says.
 
     Args:
         ds: dataset from :func:`read_dataset`.
         spatial_dims: 2 for single-frame images, 3 for multi-frame volumes.
+        max_decoded_bytes: limit on the decoded stored samples plus their float64 grey copy.
 
     Raises:
         RejectedFile: naming the offending attribute.
     """
+    if _sop_class(ds) == MediaStorageDirectoryStorage:
+        raise RejectedFile("DICOMDIR (Media Storage Directory): an index of other files, not an image; "
+                           "the files it references are ingested as files of their own")
     if "PixelData" not in ds:
         raise RejectedFile("no PixelData element (0x7FE0,0x0010)")
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    if not all(isinstance(v, int) and MIN_SIDE <= v <= MAX_SIDE for v in (rows, columns)):
+    syntax = _transfer_syntax(ds)
+    missing = [f"{k} {_tag_text(k)}" for k in _IMAGE_PIXEL_TYPE1 if ds.get(k) in (None, "")]
+    if missing:
+        raise RejectedFile(f"missing required Image Pixel attribute(s): {', '.join(missing)}")
+    rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _n_frames(ds)
+    samples, allocated = _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated")
+    # what decode() holds at once: the decoded stored samples and their float64 grey values
+    per_pixel = max(samples, 1) * math.ceil(min(max(allocated, 1), 64) / 8) + 8
+    decoded = rows * columns * frames * per_pixel
+    if decoded > max_decoded_bytes:
+        raise RejectedFile(f"declared decoded size {_human(decoded)} (Rows {rows} x Columns {columns} x "
+                           f"NumberOfFrames {frames} x {per_pixel} bytes: SamplesPerPixel {samples} x BitsAllocated "
+                           f"{allocated} stored + 8 float64) exceeds the {_human(max_decoded_bytes)} budget "
+                           "(ingest.max_decoded_mib): a decompression bomb or a corrupt header; raise the budget "
+                           "only if such images are expected")
+    if not all(MIN_SIDE <= v <= MAX_SIDE for v in (rows, columns)):
         raise RejectedFile(f"implausible image size Rows={rows!r}, Columns={columns!r} "
                            f"(each must be between {MIN_SIDE} and {MAX_SIDE})")
-    samples = ds.get("SamplesPerPixel", 1)
-    if samples != 1:
-        raise RejectedFile(f"SamplesPerPixel={samples}: only single-channel (grayscale) images are supported")
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise RejectedFile(f"PhotometricInterpretation {photometric!r} is not MONOCHROME1/MONOCHROME2")
-    frames = _n_frames(ds)
     if spatial_dims == 2 and frames != 1:
         raise RejectedFile(f"multi-frame image (NumberOfFrames={frames}) but ingest.spatial_dims is 2")
     if spatial_dims == 3 and frames < 2:
         raise RejectedFile("single-frame image but ingest.spatial_dims is 3 (expects a multi-frame volume)")
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-        raise RejectedFile("BurnedInAnnotation is YES: the pixels may show identifying text, which header "
-                           "de-identification cannot remove; clean the pixels before ingesting")
-    bits = ds.get("BitsAllocated")
-    if bits not in (1, 8, 16, 32, 64):
-        raise RejectedFile(f"unsupported BitsAllocated={bits!r}")
-    if not _transfer_syntax(ds).is_encapsulated:
-        expected = math.ceil(rows * columns * frames * bits / 8)
-        actual = len(ds.PixelData)
-        # an odd-length value is padded with one byte
-        if actual < expected:
-            raise RejectedFile(f"truncated: pixel data length {actual} != expected {expected} "
-                               f"(Rows {rows} x Columns {columns} x frames {frames} x {bits} bits)")
-        if actual > expected + 1:
-            raise RejectedFile(f"pixel data length {actual} != expected {expected} "
-                               f"(Rows {rows} x Columns {columns} x frames {frames} x {bits} bits)")
+    _check_photometric(ds, samples)
+    _check_bits(ds)
+    if syntax.is_encapsulated:
+        _check_encapsulated(ds, syntax, rows, columns)
+    else:
+        _check_native_length(ds, rows, columns, frames, samples)
+
+
+def _check_photometric(ds: Dataset, samples: int) -> None:
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric in _GREY or photometric == "PALETTE COLOR":
+        wanted = 1
+    elif photometric in _COLOUR:
+        wanted = 3
+    else:
+        raise RejectedFile(f"PhotometricInterpretation {photometric!r} is not supported "
+                           f"(supported: {', '.join(_GREY + _COLOUR)}, PALETTE COLOR)")
+    if samples != wanted:
+        raise RejectedFile(f"SamplesPerPixel={samples} does not match PhotometricInterpretation {photometric!r}, "
+                           f"which has {wanted} sample(s) per pixel")
+    if samples == 3 and _int(ds, "PlanarConfiguration", 0) not in (0, 1):
+        raise RejectedFile(f"PlanarConfiguration {ds.PlanarConfiguration!r} is neither 0 nor 1")
+
+
+def _check_bits(ds: Dataset) -> None:
+    allocated, stored, high = _int(ds, "BitsAllocated"), _int(ds, "BitsStored"), _int(ds, "HighBit")
+    if allocated not in (1, 8, 16, 32, 64):
+        raise RejectedFile(f"unsupported BitsAllocated={allocated!r} (supported: 1, 8, 16, 32, 64)")
+    if not 1 <= stored <= allocated:
+        raise RejectedFile(f"BitsStored={stored} is not between 1 and BitsAllocated={allocated}")
+    if high != stored - 1:
+        # the decoders assume the stored bits are the low ones; another HighBit would shift every value
+        raise RejectedFile(f"HighBit={high} is not BitsStored - 1 = {stored - 1}: pixel values not aligned "
+                           "to the low bits are not supported")
+    if _int(ds, "PixelRepresentation") not in (0, 1):
+        raise RejectedFile(f"PixelRepresentation={ds.PixelRepresentation!r} is neither 0 (unsigned) nor 1 (signed)")
+
+
+def _check_native_length(ds: Dataset, rows: int, columns: int, frames: int, samples: int) -> None:
+    elem = ds["PixelData"]
+    if elem.is_undefined_length:
+        raise RejectedFile(f"PixelData is encapsulated (undefined length) but the Transfer Syntax "
+                           f"{_transfer_syntax(ds).name} is native: the header's transfer syntax does not "
+                           "describe the data")
+    bits = _int(ds, "BitsAllocated")
+    # native YBR_FULL_422 stores two samples per pixel (PS3.3 C.7.6.3.1.2)
+    per_pixel = 2 if samples == 3 and str(ds.PhotometricInterpretation) == "YBR_FULL_422" else samples
+    frame_bytes = rows * columns * per_pixel * bits / 8
+    expected = math.ceil(frame_bytes * frames)
+    actual = len(elem.value or b"")
+    detail = (f"(Rows {rows} x Columns {columns} x frames {frames} x samples {per_pixel} x {bits} bits)"
+              if per_pixel != 1 else f"(Rows {rows} x Columns {columns} x frames {frames} x {bits} bits)")
+    item_tag = b"\xfe\xff\x00\xe0" if _transfer_syntax(ds).is_little_endian else b"\xff\xfe\xe0\x00"
+    if actual != expected and (elem.value or b"").startswith(item_tag):
+        raise RejectedFile(f"PixelData is encapsulated (it starts with an Item tag (FFFE,E000)) but the Transfer "
+                           f"Syntax {_transfer_syntax(ds).name} is native: the header's transfer syntax does not "
+                           "describe the data")
+    if actual < expected:
+        raise RejectedFile(f"truncated: pixel data length {actual} != expected {expected} {detail}")
+    if actual - expected >= max(frame_bytes, 2):
+        # trailing padding shorter than a frame is dropped; more means the header is wrong
+        raise RejectedFile(f"pixel data length {actual} != expected {expected} {detail}: "
+                           f"{actual - expected} bytes too many, a whole frame or more")
+
+
+def _check_encapsulated(ds: Dataset, syntax: UID, rows: int, columns: int) -> None:
+    elem = ds["PixelData"]
+    if not elem.is_undefined_length:
+        raise RejectedFile(f"Transfer Syntax {syntax.name} is encapsulated (compressed) but PixelData is not "
+                           "(it has a defined length): the header's transfer syntax does not describe the data")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise RejectedFile(f"no pixel decoder for Transfer Syntax {syntax.name} ({syntax})") from exc
+    if not decoder.is_available:
+        raise RejectedFile(f"no pixel decoder installed for Transfer Syntax {syntax.name}; install one of: "
+                           f"{'; '.join(decoder.missing_dependencies)}")
+    little = syntax.is_little_endian
+    try:
+        fragments = list(generate_fragments(elem.value, endianness="<" if little else ">"))
+    except ValueError as exc:
+        raise RejectedFile(f"malformed encapsulated PixelData: {exc}") from exc
+    if len(fragments) < 2:  # the Basic Offset Table item, then at least one fragment
+        raise RejectedFile("encapsulated PixelData holds no compressed fragment")
+    for index, fragment in enumerate(fragments[1:]):
+        declared = _codestream_size(fragment)
+        if declared is not None and declared != (rows, columns) and 0 not in declared:
+            raise RejectedFile(f"codestream size mismatch: fragment {index} declares {declared[0]} x {declared[1]} "
+                               f"pixels but Rows x Columns is {rows} x {columns}")
+
+
+def _codestream_size(fragment: bytes) -> tuple[int, int] | None:
+    """(rows, columns) declared by a JPEG, JPEG-LS or JPEG 2000 codestream header, if it starts one.
+
+    JPEG: the SOF segment (ITU-T T.81 B.2.2); JPEG-LS: SOF55 (T.87); JPEG 2000: the SIZ segment
+    (T.800 A.5.1), possibly inside a JP2 box. Continuation fragments cannot begin with these markers.
+    """
+    try:
+        if fragment.startswith(b"\xff\xd8"):
+            offset = 2
+            while offset + 9 <= len(fragment) and fragment[offset] == 0xFF:
+                marker, length = fragment[offset + 1], struct.unpack(">H", fragment[offset + 2:offset + 4])[0]
+                if marker in _JPEG_SOF:
+                    return struct.unpack(">HH", fragment[offset + 5:offset + 9])
+                offset += 2 + length
+            return None
+        start = fragment.find(b"jp2c") + 4 if fragment.startswith(b"\x00\x00\x00\x0cjP  ") else 0
+        if fragment[start:start + 4] == b"\xff\x4f\xff\x51":
+            x, y, x0, y0 = struct.unpack(">IIII", fragment[start + 8:start + 24])
+            return y - y0, x - x0
+    except struct.error:  # a header cut short; the decoder will say so
+        return None
+    return None
+
+
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", "") or "")
+
+
+def _file_meta(ds: Dataset) -> Dataset:
+    return getattr(ds, "file_meta", None) or Dataset()
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """An integer attribute, or a reason naming it when it is missing or not an integer."""
+    value = ds.get(keyword, default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    try:
+        if value is not None and float(value).is_integer():
+            return int(float(value))
+    except (TypeError, ValueError):
+        pass
+    raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not an integer")
 
 
 def _n_frames(ds: Dataset) -> int:
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise RejectedFile(f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from exc
+    if ds.get("NumberOfFrames") in (None, ""):
+        return 1
+    frames = _int(ds, "NumberOfFrames")
+    if frames < 1:
+        raise RejectedFile(f"invalid NumberOfFrames {frames}: must be at least 1")
+    return frames
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
-    return UID(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+    syntax = UID(_file_meta(ds).get("TransferSyntaxUID", ExplicitVRLittleEndian))
+    if not syntax.is_transfer_syntax:
+        raise RejectedFile(f"unknown Transfer Syntax UID {str(syntax)!r} (0002,0010): the encoding of the "
+                           "pixel data cannot be known")
+    return syntax
+
+
+def _tag_text(keyword: str) -> str:
+    tag = Tag(keyword)
+    return f"({tag.group:04X},{tag.element:04X})"
+
+
+def _name(tag: int) -> str:
+    tag = Tag(tag)
+    return f"({tag.group:04X},{tag.element:04X}) {keyword_for_tag(tag) or 'private/unknown'}"
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1000 or unit == "TB":
+            return f"{n_bytes:.1f} {unit}" if unit != "bytes" else f"{int(n_bytes)} bytes"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
 
 
 def decode(ds: Dataset) -> np.ndarray:
-    """Decode the pixels to modality values oriented so that bright = dense.
+    """Decode the pixels to values oriented so that bright = dense.
 
-    Applies the Modality LUT (rescale slope/intercept or LUT sequence) and inverts MONOCHROME1,
-    whose stored values run the other way.
+    Grey-scale images: the stored values (garbage bits above BitsStored masked, signed values
+    sign-extended) go through the Modality LUT (RescaleSlope/Intercept, the Modality LUT Sequence,
+    or, in enhanced multi-frame images, the per-frame or shared Pixel Value Transformation), and
+    MONOCHROME1, whose values run the other way, is negated. Colour images (RGB, YBR_*, PALETTE
+    COLOR) are converted to RGB and reduced to their luma (ITU-R BT.601); they have no density
+    axis, so "bright" is simply luminance.
 
     Args:
         ds: a dataset that passed :func:`validate`.
@@ -137,21 +434,212 @@ def decode(ds: Dataset) -> np.ndarray:
     Raises:
         RejectedFile: when the pixel data cannot be decoded or does not match the header.
     """
+    syntax = _transfer_syntax(ds)
     try:
-        stored = ds.pixel_array
+        # as_rgb=False: YBR_FULL(_422) comes back as decoded, and its Y is already the luma
+        stored, properties = get_decoder(syntax).as_array(ds, allow_excess_frames=False, as_rgb=False)
     except Exception as exc:  # decoder plugins raise their own types
-        raise RejectedFile(f"cannot decode pixel data ({_transfer_syntax(ds).name}): "
-                           f"{type(exc).__name__}: {exc}") from exc
-    frames = _n_frames(ds)
-    declared = (ds.Rows, ds.Columns) if frames == 1 else (frames, ds.Rows, ds.Columns)
+        raise RejectedFile(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: "
+                           f"{_one_line(exc)}") from exc
+    frames, samples = _n_frames(ds), _int(ds, "SamplesPerPixel", 1)
+    declared = ((frames,) if frames > 1 else ()) + (ds.Rows, ds.Columns) + ((samples,) if samples > 1 else ())
     if stored.shape != declared:
         raise RejectedFile(f"decoded pixel array shape {stored.shape} != declared {declared}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        values = -values
+    stored = stored.reshape((frames, ds.Rows, ds.Columns) + ((samples,) if samples > 1 else ()))
+    photometric = str(properties.get("photometric_interpretation", ds.PhotometricInterpretation))
+    try:
+        if photometric == "PALETTE COLOR":
+            values = luma(_palette_rgb(stored, ds, syntax))
+        elif photometric == "RGB":
+            values = luma(stored)
+        elif photometric in ("YBR_FULL", "YBR_FULL_422"):
+            values = stored[..., 0].astype(np.float64)  # Y = BT.601 luma of the RGB (PS3.3 C.7.6.3.1.2)
+        elif photometric in _GREY:
+            values = modality_values(stored, ds)
+            if photometric == "MONOCHROME1":
+                np.negative(values, out=values)
+        else:
+            raise RejectedFile(f"decoder returned PhotometricInterpretation {photometric!r}, not grey, RGB or YBR")
+    except RejectedFile:
+        raise
+    except Exception as exc:  # malformed LUTs
+        raise RejectedFile(f"cannot apply the {'colour palette' if 'PALETTE' in photometric else 'Modality LUT'}: "
+                           f"{type(exc).__name__}: {_one_line(exc)}") from exc
     if not np.isfinite(values).all():
         raise RejectedFile("pixel values are not finite after the modality LUT (check RescaleSlope/Intercept)")
+    return values[0] if frames == 1 else values
+
+
+def _palette_rgb(stored: np.ndarray, ds: Dataset, syntax: UID) -> np.ndarray:
+    """PALETTE COLOR -> RGB (PS3.3 C.7.6.3.1.5).
+
+    pydicom 3.0 reads non-segmented 16-bit palette data as little endian whatever the transfer
+    syntax (its segmented path honours the syntax), so in big endian files every entry comes back
+    byte-swapped; swapping the looked-up values back is exact. The test decodes OBXXXX1A and its
+    big endian copy to the same pixels.
+    """
+    rgb = apply_color_lut(stored, ds)
+    if rgb.dtype.itemsize == 2 and "RedPaletteColorLookupTableData" in ds and not syntax.is_little_endian:
+        rgb = rgb.byteswap()
+    return rgb
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Luminance of RGB pixels, ITU-R BT.601 weights.
+
+    Args:
+        rgb: ``(..., 3)`` array.
+
+    Returns:
+        ``float64`` array ``(...)`` in the input's units.
+    """
+    # channel by channel: a float64 copy of all three channels would be 24 bytes a pixel
+    out = rgb[..., 0] * LUMA_WEIGHTS[0]
+    for channel in (1, 2):
+        out += rgb[..., channel] * LUMA_WEIGHTS[channel]
+    return out
+
+
+def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Apply the Modality LUT (PS3.3 C.11.1), frame by frame for enhanced multi-frame images.
+
+    Args:
+        stored: stored values ``(frames, rows, columns)``.
+        ds: the dataset.
+
+    Returns:
+        ``float64`` modality values, same shape.
+
+    Raises:
+        RejectedFile: when a rescale attribute is not a number.
+    """
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    values = stored.astype(np.float64)
+    for frame in range(len(values)):
+        transform = _functional_group(ds, "PixelValueTransformationSequence", frame)
+        if transform is not None:
+            slope = _number(transform, "RescaleSlope", 1.0)
+            intercept = _number(transform, "RescaleIntercept", 0.0)
+            values[frame] = values[frame] * slope + intercept
     return values
+
+
+def _functional_group(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
+    """The item of a functional group macro for one frame: per-frame first, then shared (PS3.3 C.7.6.16)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups) or []
+        if index < len(items) and items[index].get(sequence):
+            return items[index].get(sequence)[0]
+    return None
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    value = ds.get(keyword, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not a number") from exc
+    if not math.isfinite(number):
+        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not finite")
+    return number
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()[:400]
+
+
+# ----------------------------------------------------------------------------------------------
+# windowing: decoded values -> [0, 1]
+
+
+def voi_window(ds: Dataset) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The display transform the header prescribes (VOI LUT, PS3.3 C.11.2), as a function of
+    :func:`decode`'s output, or ``None`` when the header prescribes none (or the image is colour).
+
+    The first VOI LUT Sequence item takes precedence over WindowCenter/WindowWidth (as in PS3.4
+    N.2.1.1); the first window of a multi-valued pair is the default one. Enhanced multi-frame
+    images carry theirs in the Frame VOI LUT functional group (that of the first frame is used for
+    the whole volume). MONOCHROME1 is handled, so the output is always bright = dense.
+
+    Args:
+        ds: a dataset that passed :func:`validate`.
+
+    Returns:
+        ``f(values) -> array in [0, 1]``, or ``None``.
+
+    Raises:
+        RejectedFile: when the VOI attributes are malformed (naming them).
+    """
+    photometric = str(ds.PhotometricInterpretation)
+    if photometric not in _GREY:
+        return None
+    source = ds if ("VOILUTSequence" in ds or "WindowCenter" in ds) else _functional_group(ds, "FrameVOILUTSequence", 0)
+    if source is None:
+        return None
+    if source.get("VOILUTSequence"):
+        transform = _voi_lut(source)
+    elif "WindowCenter" in source and "WindowWidth" in source:
+        transform = _window_function(source)
+    else:
+        return None
+    if photometric == "MONOCHROME2":
+        return transform
+    return lambda values: 1.0 - transform(-values)  # decode() negated MONOCHROME1; the VOI applies to -values
+
+
+def _first(ds: Dataset, keyword: str) -> float:
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue):
+        if not value:
+            raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: empty")
+        value = value[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not a number") from exc
+    if not math.isfinite(number):
+        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not finite")
+    return number
+
+
+def _window_function(ds: Dataset) -> Callable[[np.ndarray], np.ndarray]:
+    """WindowCenter/WindowWidth with VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID (PS3.3 C.11.2.1.2)."""
+    centre, width = _first(ds, "WindowCenter"), _first(ds, "WindowWidth")
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function == "LINEAR":
+        if width < 1:
+            raise RejectedFile(f"WindowWidth {width:g} (0028,1051) is below 1, which a LINEAR window forbids; "
+                               "set ingest.windowing: percentile to ignore the header's window")
+        if width == 1:  # the formula's limit: a threshold at c - 0.5
+            return lambda x: (x > centre - 0.5).astype(np.float64)
+        return lambda x: np.clip((x - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    if width <= 0:
+        raise RejectedFile(f"WindowWidth {width:g} (0028,1051) is not positive; set ingest.windowing: percentile "
+                           "to ignore the header's window")
+    if function == "LINEAR_EXACT":
+        return lambda x: np.clip((x - centre) / width + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":
+        return lambda x: 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - centre) / width, -700, 700)))
+    raise RejectedFile(f"unknown VOILUTFunction {function!r} (0028,1056); expected LINEAR, LINEAR_EXACT or SIGMOID")
+
+
+def _voi_lut(ds: Dataset) -> Callable[[np.ndarray], np.ndarray]:
+    """The first VOI LUT Sequence item, rescaled from the LUT's output range to [0, 1].
+
+    The range is that of the LUT's own entries rather than 2**bits - 1 from the LUT Descriptor,
+    which is often wrong (a 12-bit LUT declared as 16 bits would display nearly black).
+    """
+    try:
+        descriptor = [int(v) for v in ds.VOILUTSequence[0].LUTDescriptor]
+        entries, first = descriptor[0] or 65536, descriptor[1]
+        table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds).astype(np.float64)
+    except Exception as exc:
+        raise RejectedFile(f"malformed VOI LUT Sequence (0028,3010): {type(exc).__name__}: {_one_line(exc)}") from exc
+    low, high = float(table.min()), float(table.max())
+    if high <= low:
+        raise RejectedFile("VOI LUT Sequence (0028,3010) maps every value to the same output")
+    return lambda x: (table[np.clip(np.rint(x).astype(np.int64) - first, 0, entries - 1)] - low) / (high - low)
 
 
 def window(values: np.ndarray) -> np.ndarray:
@@ -172,23 +660,9 @@ def window(values: np.ndarray) -> np.ndarray:
         low, high = float(values.min()), float(values.max())
     if high <= low:
         raise RejectedFile(f"blank image: every pixel has the value {low:g}")
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
-
-
-def pad_to_square(image: np.ndarray) -> np.ndarray:
-    """Zero-pad every axis to the longest one, centred, so that resizing keeps the aspect ratio.
-
-    Zero is "no density" (air) after :func:`window`, which is what lies outside a radiograph.
-
-    Args:
-        image: 2D or 3D array.
-
-    Returns:
-        Square (cubic) array.
-    """
-    side = max(image.shape)
-    pads = [((side - n) // 2, side - n - (side - n) // 2) for n in image.shape]
-    return np.pad(image, pads)
+    out = values - low  # in place from here: one working copy of a possibly large image
+    out /= high - low
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,34 +684,73 @@ def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(index, 0, n_in - 1), weights.astype(np.float32)
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Antialiased linear resize of every axis to ``size``.
+def resize(image: np.ndarray, size: int | tuple[int, ...]) -> np.ndarray:
+    """Antialiased linear resize of every axis.
 
     Args:
         image: 2D or 3D array.
-        size: output length of every axis.
+        size: output length of every axis, or one length per axis.
+
+    Returns:
+        ``float32`` array of shape ``(size,) * image.ndim`` (or ``size``).
+    """
+    shape = (size,) * image.ndim if isinstance(size, int) else tuple(size)
+    if len(shape) != image.ndim:
+        raise ValueError(f"resize: {len(shape)} output lengths for a {image.ndim}D image; give one per axis")
+    out = image.astype(np.float32)
+    for axis, n_out in enumerate(shape):
+        index, weights = _resize_taps(out.shape[axis], n_out)
+        moved = np.moveaxis(out, axis, 0)
+        weights = weights.reshape(*weights.shape, *([1] * (moved.ndim - 1)))
+        # tap by tap: gathering all taps at once would hold (n_out x taps) rows, twice the image when shrinking
+        total = np.zeros((n_out, *moved.shape[1:]), dtype=np.float32)
+        for tap in range(index.shape[1]):
+            total += moved[index[:, tap]] * weights[:, tap]
+        out = np.moveaxis(total, 0, axis)
+    return np.ascontiguousarray(out)
+
+
+def fit_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so that the longest axis is ``size`` (aspect ratio kept), then zero-pad every axis to ``size``, centred.
+
+    Zero is "no density" (air) after windowing, which is what lies outside a radiograph. Resizing
+    before padding keeps memory at the image's own size: padding a 120 x 480 x 640 volume to a cube
+    first would allocate a 640**3 array, 17 times the volume.
+
+    Args:
+        image: 2D or 3D array.
+        size: side of the output.
 
     Returns:
         ``float32`` array of shape ``(size,) * image.ndim``.
     """
-    out = image.astype(np.float32)
-    for axis in range(image.ndim):
-        index, weights = _resize_taps(out.shape[axis], size)
-        moved = np.moveaxis(out, axis, 0)
-        weights = weights.reshape(*weights.shape, *([1] * (moved.ndim - 1)))
-        out = np.moveaxis((moved[index] * weights).sum(axis=1), 0, axis)
-    return np.ascontiguousarray(out)
+    scale = size / max(image.shape)
+    shape = tuple(min(size, max(1, round(n * scale))) for n in image.shape)
+    pads = [((size - n) // 2, size - n - (size - n) // 2) for n in shape]
+    return np.pad(resize(image, shape), pads)
 
 
-def preprocess(values: np.ndarray, size: int) -> np.ndarray:
+def preprocess(values: np.ndarray, size: int, *,
+               voi: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Window, pad to square, resize and add the channel axis.
 
     Args:
         values: output of :func:`decode`.
         size: side length of the stored array.
+        voi: the header's display transform from :func:`voi_window` (``ingest.windowing: dicom``);
+            ``None`` windows robustly between percentiles (:func:`window`).
 
     Returns:
         ``float32`` array ``(1, size, size)`` (or ``(1, size, size, size)``) in [0, 1].
+
+    Raises:
+        RejectedFile: when the windowed image is blank.
     """
-    image = resize(pad_to_square(window(values)), size)
-    return np.clip(image, 0.0, 1.0)[None]
+    if voi is None:
+        image = window(values)
+    else:
+        image = voi(values)
+        if float(image.max()) <= float(image.min()):
+            raise RejectedFile(f"blank image after the header's VOI window: every pixel maps to "
+                               f"{float(image.min()):g}; set ingest.windowing: percentile to ignore the window")
+    return np.clip(fit_to_square(image, size), 0.0, 1.0)[None]

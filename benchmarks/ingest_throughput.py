@@ -1,0 +1,137 @@
+"""Ingestion throughput, side by side in one run: medtl vs a plain pydicom loop vs MONAI's LoadImage.
+
+Every contender reads the same files (PyPI's pydicom-data, plus ../shared's dcm_qa_nih when present)
+from the same folder, after one warm-up pass over the files so the page cache treats all alike:
+
+* ``pydicom loop``  — ``dcmread`` + ``pixel_array``: the floor, no validation, nothing written;
+* ``MONAI LoadImage`` — ``LoadImage(reader="PydicomReader")`` per file: decoding to a MetaTensor;
+* ``medtl ingest (N workers)`` — the whole stage: hash, validate, decode, de-identify, window, resize,
+  write the array and the de-identified DICOM, ledger and manifest, in sandboxed worker processes.
+
+Wall time and CPU time (this process plus its children) are both measured; "per core" ratios divide
+files by CPU seconds, which is what a shared cluster node pays.
+
+Run: ``.venv/bin/python benchmarks/ingest_throughput.py``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom" / "dcm_qa_nih" / "In"
+
+
+def corpus() -> list[Path]:
+    """The benchmark's input files: pydicom-data's files, and dcm_qa_nih's when ../shared is present."""
+    import data_store  # the pydicom-data package
+
+    files = sorted((Path(data_store.__file__).parent / "data").glob("*"))
+    if SHARED_DICOM.is_dir():
+        files += sorted(p for p in SHARED_DICOM.rglob("*") if p.is_file())
+    else:
+        print(f"note: {SHARED_DICOM} not found; benchmarking pydicom-data only")
+    return [f for f in files if f.is_file()]
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(name: str, run: Callable[[], int]) -> dict:
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    ok = run()
+    return {"name": name, "wall": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu0, "ok": ok}
+
+
+def pydicom_loop(files: list[Path]) -> int:
+    import pydicom
+
+    ok = 0
+    for f in files:
+        try:
+            pydicom.dcmread(f).pixel_array
+            ok += 1
+        except Exception:  # the corpus holds deliberately broken files
+            pass
+    return ok
+
+
+def monai_loadimage(files: list[Path]) -> int:
+    from monai.transforms import LoadImage
+
+    load = LoadImage(reader="PydicomReader", image_only=True)
+    ok = 0
+    for f in files:
+        try:
+            load(str(f))
+            ok += 1
+        except Exception:
+            pass
+    return ok
+
+
+def medtl_ingest(folder: Path, workdir: Path, workers: int) -> int:
+    from medtl.config import IngestConfig
+    from medtl.ingest import ingest_folder
+    from medtl.workspace import Workspace
+
+    summary = ingest_folder(IngestConfig(input_dir=folder, image_size=128, workers=workers), Workspace(workdir))
+    return summary.ingested
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    os.environ.setdefault("MEDTL_UID_SECRET", "benchmark-secret")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+    files = corpus()
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    with tempfile.TemporaryDirectory(prefix="medtl-bench-") as tmp:
+        folder = Path(tmp) / "input"
+        folder.mkdir()
+        copies = []
+        for i, f in enumerate(files):  # one flat folder: the same bytes for every contender
+            copies.append(folder / f"{i:04d}_{f.name}")
+            shutil.copyfile(f, copies[-1])
+        pydicom_loop(copies)  # warm-up: page cache, imports, decoder plugins
+        monai_loadimage(copies[:5])
+        results = [measure("pydicom loop (dcmread + pixel_array)", lambda: pydicom_loop(copies)),
+                   measure("MONAI LoadImage(PydicomReader)", lambda: monai_loadimage(copies))]
+        for n in args.workers:
+            results.append(measure(f"medtl ingest, {n} worker{'s' if n > 1 else ''}",
+                                   lambda n=n: medtl_ingest(folder, Path(tmp) / f"work{n}", n)))
+
+    print(f"\n{len(files)} files, {megabytes:.1f} MB, {os.cpu_count()} CPUs\n")
+    print(f"{'contender':42s} {'ok':>5s} {'wall s':>8s} {'CPU s':>8s} {'files/s':>9s} {'MB/s':>7s} "
+          f"{'files/CPU-s':>12s}")
+    for r in results:
+        print(f"{r['name']:42s} {r['ok']:5d} {r['wall']:8.2f} {r['cpu']:8.2f} {len(files) / r['wall']:9.1f} "
+              f"{megabytes / r['wall']:7.1f} {len(files) / r['cpu']:12.1f}")
+    monai = results[1]
+    by_workers = {n: r for n, r in zip(args.workers, results[2:])}
+    print()
+    if 1 in by_workers:
+        one = by_workers[1]
+        print(f"medtl (1 worker) vs MONAI LoadImage, wall:      {monai['wall'] / one['wall']:.2f}x")
+        print(f"medtl (1 worker) vs MONAI LoadImage, per core:  {monai['cpu'] / one['cpu']:.2f}x  (target >= 2)")
+        if 2 in by_workers:
+            print(f"medtl 2 workers vs 1 worker, wall:              {one['wall'] / by_workers[2]['wall']:.2f}x"
+                  "  (target >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()

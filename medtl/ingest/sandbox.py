@@ -1,0 +1,138 @@
+"""Run a function over untrusted inputs in limited worker processes, one result per input, in order.
+
+Parsing a hostile file can exhaust memory, hang, or crash a C decoder. None of that may stop an
+ingestion run or take the machine down, so every input is handled in a worker process that
+
+* is started fresh (``spawn``): it does not inherit the parent's address space (a CUDA-enabled torch
+  alone maps gigabytes), so the limit below measures the file's cost, not the caller's;
+* has an address-space limit (``RLIMIT_AS``): an allocation past it raises ``MemoryError`` in the
+  worker instead of waking the kernel's OOM killer;
+* has a time limit per input: a worker that does not answer in time is killed.
+
+When a worker dies or hangs, the inputs it might have been working on are re-run one at a time in a
+fresh single-worker pool, so exactly the guilty input is reported through ``on_failure`` and every
+other input still gets its normal result.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+_LOOKAHEAD = 4  # inputs queued per worker: enough to keep workers busy, few enough to bound result memory
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks set by cluster schedulers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _limit_address_space(memory_mb: int) -> None:
+    import resource
+
+    limit = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def sandboxed_map(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int = 1, memory_mb: int = 3072,
+                  timeout_s: float = 120.0, on_failure: Callable[[J, str], R]) -> Iterator[R]:
+    """Yield ``fn(job)`` for every job, in order, computed in sandboxed worker processes.
+
+    Args:
+        fn: a picklable (module-level) function; it should catch its own expected errors. An
+            exception that escapes it is passed to ``on_failure`` like a crash.
+        jobs: picklable inputs.
+        workers: worker processes (>= 1).
+        memory_mb: address-space limit of each worker, in MiB.
+        timeout_s: seconds one job may take once it is running.
+        on_failure: ``on_failure(job, reason)`` builds the result of a job whose worker died, hung or
+            raised; ``reason`` says which, in words meant for the ledger.
+
+    Returns:
+        An iterator of results, one per job, in the order of ``jobs``.
+
+    Raises:
+        ValueError: for ``workers < 1``, ``memory_mb < 64`` or ``timeout_s <= 0``.
+
+    Examples:
+        >>> list(sandboxed_map(abs, [-1, 2], on_failure=lambda job, why: None))
+        [1, 2]
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if memory_mb < 64:
+        raise ValueError(f"memory_mb must be >= 64 (MiB), got {memory_mb}: Python alone needs more")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    queue: deque[J] = deque(jobs)
+    suspects: deque[J] = deque()
+    while queue or suspects:
+        if suspects:
+            yield from _run_pool(fn, deque([suspects.popleft()]), 1, memory_mb, timeout_s, on_failure, suspects,
+                                 isolated=True)
+        else:
+            yield from _run_pool(fn, queue, workers, memory_mb, timeout_s, on_failure, suspects, isolated=False)
+
+
+def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: int, timeout_s: float,
+              on_failure: Callable[[J, str], R], suspects: deque[J], *, isolated: bool) -> Iterator[R]:
+    """Drain ``queue`` through one pool; on a crash, move the in-flight jobs to ``suspects`` and return."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_limit_address_space, initargs=(memory_mb,))
+    inflight: deque[tuple[J, Future]] = deque()
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < _LOOKAHEAD * workers:
+                job = queue.popleft()
+                inflight.append((job, pool.submit(fn, job)))
+            job, future = inflight[0]
+            try:
+                result = future.result(timeout=timeout_s)
+            except FutureTimeout:
+                inflight.popleft()
+                _kill_workers(pool)
+                yield on_failure(job, f"timed out: parsing took longer than {timeout_s:g} s "
+                                      "(raise ingest.file_timeout_s if the file is legitimately large)")
+                queue.extendleft(reversed([j for j, _ in inflight]))  # innocent: run them again normally
+                return
+            except BrokenProcessPool:
+                if isolated:
+                    inflight.popleft()
+                    yield on_failure(job, "the worker process died while parsing this file (out of memory "
+                                          f"beyond ingest.worker_memory_mb={memory_mb}, or a crash in a decoder)")
+                else:
+                    suspects.extend(j for j, _ in inflight)
+                return
+            except MemoryError:
+                inflight.popleft()
+                yield on_failure(job, f"out of memory: needs more than ingest.worker_memory_mb={memory_mb} MiB")
+                continue
+            except Exception as exc:  # fn's own escape hatch: keep the evidence, go on with the rest
+                inflight.popleft()
+                yield on_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
+                continue
+            inflight.popleft()
+            yield result
+    finally:
+        if inflight:
+            _kill_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor has no public kill before Python 3.14 (kill_workers); a hung worker must go.
+    kill = getattr(pool, "kill_workers", None)
+    if callable(kill):
+        kill()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()

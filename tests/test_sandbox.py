@@ -1,0 +1,48 @@
+"""Worker sandbox: a job that crashes, hangs, raises or exhausts memory fails alone; the rest go on, in order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from medtl.ingest.sandbox import sandboxed_map
+
+
+def _behave(job: str) -> str:
+    if job == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if job == "hang":
+        time.sleep(600)
+    if job == "raise":
+        raise RuntimeError("boom")
+    if job == "hog":
+        return str(len(bytearray(2 * 1024**3)))  # 2 GiB, far over the limit below
+    return job.upper()
+
+
+def _failure(job: str, reason: str) -> str:
+    return f"FAILED {job}: {reason}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_bad_job_fails_alone_and_order_is_kept(workers):
+    jobs = ["a", "crash", "b", "hang", "c", "raise", "d", "hog", "e"]
+    results = list(sandboxed_map(_behave, jobs, workers=workers, memory_mb=512, timeout_s=5, on_failure=_failure))
+
+    assert [r.split(":")[0] for r in results] == ["A", "FAILED crash", "B", "FAILED hang", "C", "FAILED raise",
+                                                  "D", "FAILED hog", "E"]
+    assert "worker process died" in results[1]
+    assert "timed out" in results[3]
+    assert "RuntimeError: boom" in results[5]
+    assert "MemoryError" in results[7] or "out of memory" in results[7]
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="workers"):
+        list(sandboxed_map(abs, [1], workers=0, on_failure=_failure))
+    with pytest.raises(ValueError, match="timeout_s"):
+        list(sandboxed_map(abs, [1], timeout_s=0, on_failure=_failure))
