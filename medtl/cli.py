@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medtl: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    result = COMMANDS[args.command][1](config, Workspace(config.workdir))
+    try:
+        result = COMMANDS[args.command][1](config, Workspace(config.workdir))
+    except (OSError, ValueError, RuntimeError) as exc:  # missing inputs, bad data, an unreachable PACS: say what
+        if args.verbose:
+            raise
+        print(f"medtl {args.command}: {type(exc).__name__}: {exc}\n(run with -v for the traceback)", file=sys.stderr)
+        return 1
     printable = {k: v for k, v in (result or {}).items() if k != "summary_markdown"}
     print(json.dumps(printable, indent=2, default=str))
     if args.command in ("report", "demo"):

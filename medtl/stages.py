@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import medtl
 from medtl.adapt import CoralLoss, DANNLoss, NoAdaptation, recompute_batchnorm_statistics
 from medtl.config import (AdaptConfig, DataConfig, FinetuneConfig, IngestConfig, PipelineConfig, PretrainConfig,
-                          ReportConfig, SelectConfig, SynthConfig)
+                          SelectConfig, SynthConfig)
 from medtl.data.datasets import PairedLoader, SampleDataset, assign_splits, make_loader, to_records
 from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
@@ -352,8 +352,8 @@ def _ingest_accounting(ws: Workspace) -> dict:
 
 
 def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
-    notes = [f"Operating threshold chosen on the source validation split; sensitivity/specificity at other "
-             f"hospitals show how well it transfers, not a re-tuned operating point.",
+    notes = ["Operating threshold chosen on the source validation split; sensitivity/specificity at other "
+             "hospitals show how well it transfers, not a re-tuned operating point.",
              "Confidence intervals are patient-level bootstrap percentile intervals "
              f"({config.report.n_bootstrap} resamples); small hospitals give wide intervals."]
     if config.ingest.uses_synthetic_cohort:

@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,8 +41,8 @@ from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, l
                                    load_ledger, read_manifest, write_table_atomic)
 from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate, voi_window
 from medtl.ingest.sandbox import available_cpus, sandboxed_map
-from medtl.ingest.volume import (RejectedSeries, SeriesGroup, SliceHeader, Volume, assemble, group_series,
-                                 is_volume_series, read_slice_headers, write_nifti)
+from medtl.ingest.volume import (RejectedSeries, SeriesGroup, SliceHeader, Volume, assemble, decode_stored,
+                                 group_series, is_volume_series, read_slice_headers, write_nifti)
 from medtl.workspace import Workspace
 
 logger = logging.getLogger("medtl.ingest")
@@ -106,6 +106,7 @@ class _Result:
     dicom: bytes | None = None
     record: dict = field(default_factory=dict)
     headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
+    pixels: np.ndarray | None = None  # 3D: the file's stored pixel values, decoded in the sandbox
 
 
 def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
@@ -145,6 +146,7 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     for folder in (ws.ingest / "arrays", ws.quarantine, *([ws.ingest / "dicom"] if cfg.deid.keep_dicom else [])):
         folder.mkdir(parents=True, exist_ok=True)
     remove_partial_files(ws.ingest)
+    shutil.rmtree(_slice_cache(ws), ignore_errors=True)
     stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
     ledger, manifest = drop_missing_images(stored_ledger, stored_manifest, ws)
     logger.info("ingesting %d files from %s", len(files), input_dir)
@@ -235,7 +237,7 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
     for i, result in enumerate(_run(jobs, settings, cfg), start=1):
         job = result.job
         if result.headers and not result.reason:
-            slices.append(result)
+            slices.append(_stash_slices(result, ws))
             continue
         sop = result.record.get("sop_uid", "")
         if not result.reason and sop_owner.get(sop, job.content_hash) != job.content_hash:
@@ -255,8 +257,25 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
             checkpoint(ledger_rows, manifest_rows)
             last_checkpoint = time.monotonic()
     if slices:
-        _process_series(slices, settings, cfg, ws, ledger_rows, manifest_rows, checkpoint)
+        _process_series(slices, settings, ws, ledger_rows, manifest_rows, checkpoint)
+    shutil.rmtree(_slice_cache(ws), ignore_errors=True)
     return ledger_rows, manifest_rows
+
+
+def _slice_cache(ws: Workspace) -> Path:
+    # decoded slices wait here (not in memory) until their whole series is known; emptied at every run's end
+    return ws.ingest / ".slices"
+
+
+def _stash_slices(result: _Result, ws: Workspace) -> _Result:
+    """Write a 3D result's decoded pixels and de-identified DICOM to disk so memory stays bounded by one series."""
+    buffer = io.BytesIO()
+    np.save(buffer, result.pixels, allow_pickle=False)
+    _slice_cache(ws).mkdir(parents=True, exist_ok=True)
+    _write_atomic(_slice_cache(ws) / f"{result.job.content_hash}.npy", buffer.getvalue())
+    if result.dicom is not None:
+        _write_atomic(ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm", result.dicom)
+    return replace(result, pixels=None, dicom=None)
 
 
 @dataclass
@@ -266,19 +285,21 @@ class _SeriesResult:
     array: np.ndarray | None = None
 
 
-def assemble_series(group: SeriesGroup, image_size: int) -> _SeriesResult:
+def assemble_series(group: SeriesGroup, image_size: int,
+                    decoded: Mapping[Path, np.ndarray] | None = None) -> _SeriesResult:
     """Assemble one series into its exact volume and its model-ready array; never raises.
 
     Args:
-        group: slices of one series (headers without their datasets; pixels are read here).
+        group: slices of one series (headers without their datasets).
         image_size: side of the stored cubic array.
+        decoded: each file's stored pixels, decoded in the sandbox; files missing here are read and decoded.
 
     Returns:
         The volume and the ``(1, S, S, S)`` array in [0, 1] (a 4D series contributes its first volume),
         or the reason the series cannot be assembled.
     """
     try:
-        volume = assemble(group)
+        volume = assemble(group, decoded)
     except (RejectedSeries, RejectedFile) as exc:
         return _SeriesResult(reason=str(exc))
     slope, intercept = volume.scaling
@@ -290,10 +311,11 @@ def assemble_series(group: SeriesGroup, image_size: int) -> _SeriesResult:
     return _SeriesResult(volume=volume, array=array.astype(np.float32))
 
 
-def _process_series(slices: list[_Result], settings: _Settings, cfg: IngestConfig, ws: Workspace,
+def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
                     ledger_rows: list[dict], manifest_rows: list[dict],
                     checkpoint: Callable[[list[dict], list[dict]], object]) -> None:
-    """3D: group the new files' slices into series, assemble each in the sandbox, write NIfTI + arrays."""
+    """3D: group the new files' slices into series, assemble each from the pixels the sandbox decoded, write
+    NIfTI + arrays. Assembly parses nothing (the stashed arrays are our own ``.npy``), so it runs here."""
     by_path = {r.job.path: r for r in slices}
     fate: dict[Path, tuple[str, str]] = {}  # a file can hold slices of several groups: the first fate wins
     volumes = []
@@ -305,13 +327,12 @@ def _process_series(slices: list[_Result], settings: _Settings, cfg: IngestConfi
                 fate.setdefault(path, ("quarantined", "2D image (one slice position, or no ImagePositionPatient / "
                                                       "ImageOrientationPatient) but ingest.spatial_dims is 3; "
                                                       "ingest it with spatial_dims: 2"))
-    results = sandboxed_map(functools.partial(assemble_series, image_size=settings.image_size), volumes,
-                            workers=max(1, min(cfg.workers or available_cpus(), len(volumes))),
-                            memory_mb=cfg.worker_memory_mb, timeout_s=cfg.file_timeout_s * 10,
-                            on_failure=lambda group, reason: _SeriesResult(reason=reason))
     (ws.ingest / "volumes").mkdir(parents=True, exist_ok=True)
-    for group, result in zip(volumes, results):
+    for group in volumes:
         members = [by_path[p] for p in group.files]
+        decoded = {r.job.path: np.load(_slice_cache(ws) / f"{r.job.content_hash}.npy", allow_pickle=False)
+                   for r in members}
+        result = assemble_series(group, settings.image_size, decoded)
         if result.reason:
             for path in group.files:
                 fate.setdefault(path, ("quarantined", f"{group.describe()}: {result.reason}"))
@@ -324,11 +345,11 @@ def _process_series(slices: list[_Result], settings: _Settings, cfg: IngestConfi
         manifest_rows.append(_store_volume(group, result, kept, ws))
     for path, result in by_path.items():
         status, reason = fate[path]
+        if status != "ingested":  # its de-identified copy was written when it arrived; it is not an output
+            (ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm").unlink(missing_ok=True)
         if status == "quarantined":
             _quarantine(result.job, ws.quarantine)
             logger.warning("quarantined %s: %s", result.job.relpath, reason)
-        elif status == "ingested" and result.dicom is not None:
-            _write_atomic(ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm", result.dicom)
         ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason))
     checkpoint(ledger_rows, manifest_rows)
 
@@ -541,17 +562,23 @@ def ingest_file(job: _Job, settings: _Settings) -> _Result:
             raise RejectedFile("no SOPInstanceUID (0008,0018): the image cannot be identified")
         if risk := burned_in_annotation_risk(ds, settings.pixels_cleaned_upstream):
             raise RejectedFile(risk)
-        array, headers = None, []
+        array, headers, pixels = None, [], None
         if settings.spatial_dims == 2:
             validate(ds, 2, max_decoded_bytes=settings.max_decoded_bytes)
             array = _model_array(ds, settings)
         else:
             validate(ds, 2 if _frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
             # pixels are decoded per series, once every slice of it is known
-            headers = [replace(h, dataset=None) for h in read_slice_headers(job.path)]
+            # SeriesDescription is free text from before de-identification: it must not reach reasons or logs
+            headers = [replace(h, dataset=None, series_description="") for h in read_slice_headers(job.path, ds)]
             if _frames(ds) > 1 and not any(h.has_geometry for h in headers):
                 headers = []  # a multi-frame file without patient geometry: its frames are the slices, no NIfTI
                 array = _model_array(ds, settings)
+            else:
+                try:
+                    pixels = decode_stored(ds, job.relpath)
+                except RejectedSeries as exc:
+                    raise RejectedFile(str(exc)) from exc
         site = site_label(str(ds.get(settings.site_attribute, "") or ""), settings.site_aliases, settings.key)
         record = {
             "hospital": site or (job.relpath.split("/")[0] if "/" in job.relpath else "unknown"),
@@ -566,7 +593,7 @@ def ingest_file(job: _Job, settings: _Settings) -> _Result:
         clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
                       series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
-        return _Result(job, array=array, record=record, headers=headers,
+        return _Result(job, array=array, record=record, headers=headers, pixels=pixels,
                        dicom=_encode(clean) if settings.keep_dicom else None)
     except RejectedFile as exc:
         return _Result(job, reason=str(exc))

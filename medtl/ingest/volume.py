@@ -25,7 +25,7 @@ import re
 import uuid
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -175,7 +175,7 @@ class SeriesGroup:
 
     def describe(self) -> str:
         first = self.headers[0]
-        text = f"series {first.series_number} {first.series_description!r}"
+        text = f"series {first.series_number}" + (f" {first.series_description!r}" if first.series_description else "")
         if self.part:
             text += f" part {self.part} (split by {', '.join(self.split_by)})"
         return text
@@ -233,11 +233,12 @@ class SeriesOutcome:
 # reading headers
 
 
-def read_slice_headers(path: Path) -> list[SliceHeader]:
+def read_slice_headers(path: Path, ds: Dataset | None = None) -> list[SliceHeader]:
     """Parse one file's header into its slices (one per file, per enhanced frame or per mosaic tile).
 
     Args:
         path: a DICOM file.
+        ds: the file already parsed (by ingestion's reader), to skip parsing it again.
 
     Returns:
         One :class:`SliceHeader` per slice; a file without position/orientation (a radiograph, a
@@ -248,10 +249,11 @@ def read_slice_headers(path: Path) -> list[SliceHeader]:
         RejectedFile: when the file cannot be parsed or an attribute it has is malformed (the
             message names the attribute).
     """
-    try:
-        ds = pydicom.dcmread(path, defer_size=1024, specific_tags=list(HEADER_TAGS))
-    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
-        raise RejectedFile(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, defer_size=1024, specific_tags=list(HEADER_TAGS))
+        except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
+            raise RejectedFile(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
     if "Rows" not in ds or "Columns" not in ds or "PixelData" not in ds:
         raise RejectedFile("not an image: Rows (0028,0010), Columns (0028,0011) or PixelData (7FE0,0010) missing")
     common = dict(
@@ -482,7 +484,7 @@ def is_volume_series(group: SeriesGroup) -> bool:
 # assembling
 
 
-def assemble(group: SeriesGroup) -> Volume:
+def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = None) -> Volume:
     """Sort a volume group along its normal, check its geometry, and stack its pixels.
 
     Repeated positions are either exact duplicates (identical pixels; the extras are dropped) or
@@ -492,6 +494,8 @@ def assemble(group: SeriesGroup) -> Volume:
 
     Args:
         group: a group for which :func:`is_volume_series` is True.
+        decoded: stored pixel arrays by file (``pixel_array`` of each file, as from :func:`decode_stored`)
+            already decoded elsewhere, e.g. in a sandboxed worker; files not in it are read and decoded here.
 
     Returns:
         The :class:`Volume`: ``data`` of shape ``(columns, rows, slices)`` or ``(columns, rows, slices,
@@ -504,7 +508,7 @@ def assemble(group: SeriesGroup) -> Volume:
     if not is_volume_series(group):
         raise RejectedSeries(f"{where} is not a volume: its slices lack geometry or lie at a single position")
     first = group.headers[0]
-    pixels = _load_pixels(group.headers, where)
+    pixels = _load_pixels(group.headers, where, decoded)
     findings: list[Finding] = []
 
     depth_of = {h: float(np.dot(h.position, first.normal)) for h in group.headers}
@@ -645,9 +649,10 @@ def slice_affine(first: SliceHeader, position: np.ndarray, step: np.ndarray) -> 
     return _LPS_TO_RAS @ lps
 
 
-def _load_pixels(headers: Sequence[SliceHeader], where: str) -> dict[SliceHeader, np.ndarray]:
+def _load_pixels(headers: Sequence[SliceHeader], where: str,
+                 decoded: Mapping[Path, np.ndarray] | None = None) -> dict[SliceHeader, np.ndarray]:
     """Decode each file once and cut out each slice (frame or mosaic tile) as ``(rows, columns)``."""
-    arrays: dict[Path, np.ndarray] = {}
+    arrays: dict[Path, np.ndarray] = dict(decoded or {})
     out = {}
     for h in headers:
         if h.path not in arrays:
@@ -665,19 +670,35 @@ def _load_pixels(headers: Sequence[SliceHeader], where: str) -> dict[SliceHeader
 
 
 def _decode(h: SliceHeader, where: str) -> np.ndarray:
-    ds = h.dataset if h.dataset is not None else pydicom.dcmread(h.path)
+    return decode_stored(h.dataset if h.dataset is not None else pydicom.dcmread(h.path), _name(h), where)
+
+
+def decode_stored(ds: Dataset, name: str = "the file", where: str = "series") -> np.ndarray:
+    """A file's stored pixel values, ``(rows, columns)`` or ``(frames, rows, columns)``, checked against its header.
+
+    Args:
+        ds: the parsed file, pixel data included.
+        name: how the reason names the file.
+        where: how the reason names the series.
+
+    Returns:
+        ``ds.pixel_array`` (stored values: the rescale is applied through the NIfTI scaling).
+
+    Raises:
+        RejectedSeries: colour data, undecodable data, or a shape the header does not declare.
+    """
     samples = ds.get("SamplesPerPixel", 1)
     if samples != 1:
-        raise RejectedSeries(f"{where}: {_name(h)} has SamplesPerPixel={samples}; only grayscale volumes are supported")
+        raise RejectedSeries(f"{where}: {name} has SamplesPerPixel={samples}; only grayscale volumes are supported")
     try:
         array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise their own types
-        raise RejectedSeries(f"{where}: cannot decode the pixel data of {_name(h)}: "
+        raise RejectedSeries(f"{where}: cannot decode the pixel data of {name}: "
                              f"{type(exc).__name__}: {exc}") from exc
     frames = _int(ds, "NumberOfFrames") or 1
     expected = (ds.Rows, ds.Columns) if frames == 1 else (frames, ds.Rows, ds.Columns)
     if array.shape != expected:
-        raise RejectedSeries(f"{where}: decoded pixel array of {_name(h)} has shape {array.shape}, "
+        raise RejectedSeries(f"{where}: decoded pixel array of {name} has shape {array.shape}, "
                              f"the header declares {expected}")
     return array
 
