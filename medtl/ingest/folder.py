@@ -89,6 +89,7 @@ class _Settings:
     pixels_cleaned_upstream: bool
     windowing: str
     max_decoded_bytes: int
+    staging: Path
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,14 @@ class _Job:
 
 @dataclass
 class _Result:
+    """A worker's verdict on one file. Its outputs wait in the staging folder under ``<content hash>.*``
+    (``.npy`` model array, ``.dcm`` de-identified copy, ``.pixels.npy`` 3D stored pixels) for the main
+    process to move into place, so that no large payload crosses between processes."""
+
     job: _Job
     reason: str = ""
-    array: np.ndarray | None = None
-    dicom: bytes | None = None
     record: dict = field(default_factory=dict)
     headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
-    pixels: np.ndarray | None = None  # 3D: the file's stored pixel values, decoded in the sandbox
 
 
 def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
@@ -139,14 +141,16 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
                          uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
                          deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
                          pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream,
-                         windowing=cfg.windowing, max_decoded_bytes=cfg.max_decoded_mib * 1024**2)
+                         windowing=cfg.windowing, max_decoded_bytes=cfg.max_decoded_mib * 1024**2,
+                         staging=_staging(ws))
 
     files = discover(input_dir, skip=[labels_csv, ws.ingest])
     labels = read_labels(labels_csv, {rel for rel, _ in files}) if labels_csv.is_file() else {}
     for folder in (ws.ingest / "arrays", ws.quarantine, *([ws.ingest / "dicom"] if cfg.deid.keep_dicom else [])):
         folder.mkdir(parents=True, exist_ok=True)
     remove_partial_files(ws.ingest)
-    shutil.rmtree(_slice_cache(ws), ignore_errors=True)
+    shutil.rmtree(_staging(ws), ignore_errors=True)
+    _staging(ws).mkdir(parents=True)
     stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
     ledger, manifest = drop_missing_images(stored_ledger, stored_manifest, ws)
     logger.info("ingesting %d files from %s", len(files), input_dir)
@@ -237,7 +241,7 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
     for i, result in enumerate(_run(jobs, settings, cfg), start=1):
         job = result.job
         if result.headers and not result.reason:
-            slices.append(_stash_slices(result, ws))
+            slices.append(_place_dicom(result, ws))
             continue
         sop = result.record.get("sop_uid", "")
         if not result.reason and sop_owner.get(sop, job.content_hash) != job.content_hash:
@@ -258,24 +262,20 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
             last_checkpoint = time.monotonic()
     if slices:
         _process_series(slices, settings, ws, ledger_rows, manifest_rows, checkpoint)
-    shutil.rmtree(_slice_cache(ws), ignore_errors=True)
+    shutil.rmtree(_staging(ws), ignore_errors=True)
     return ledger_rows, manifest_rows
 
 
-def _slice_cache(ws: Workspace) -> Path:
-    # decoded slices wait here (not in memory) until their whole series is known; emptied at every run's end
-    return ws.ingest / ".slices"
+def _staging(ws: Workspace) -> Path:
+    # workers' outputs (and 3D slices until their whole series is known) wait here; emptied at each run's start/end
+    return ws.ingest / ".staging"
 
 
-def _stash_slices(result: _Result, ws: Workspace) -> _Result:
-    """Write a 3D result's decoded pixels and de-identified DICOM to disk so memory stays bounded by one series."""
-    buffer = io.BytesIO()
-    np.save(buffer, result.pixels, allow_pickle=False)
-    _slice_cache(ws).mkdir(parents=True, exist_ok=True)
-    _write_atomic(_slice_cache(ws) / f"{result.job.content_hash}.npy", buffer.getvalue())
-    if result.dicom is not None:
-        _write_atomic(ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm", result.dicom)
-    return replace(result, pixels=None, dicom=None)
+def _place_dicom(result: _Result, ws: Workspace) -> _Result:
+    staged = _staging(ws) / f"{result.job.content_hash}.dcm"
+    if staged.exists():
+        os.replace(staged, ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm")
+    return result
 
 
 @dataclass
@@ -330,7 +330,7 @@ def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
     (ws.ingest / "volumes").mkdir(parents=True, exist_ok=True)
     for group in volumes:
         members = [by_path[p] for p in group.files]
-        decoded = {r.job.path: np.load(_slice_cache(ws) / f"{r.job.content_hash}.npy", allow_pickle=False)
+        decoded = {r.job.path: np.load(_staging(ws) / f"{r.job.content_hash}.pixels.npy", allow_pickle=False)
                    for r in members}
         result = assemble_series(group, settings.image_size, decoded)
         if result.reason:
@@ -593,8 +593,14 @@ def ingest_file(job: _Job, settings: _Settings) -> _Result:
         clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
                       series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
-        return _Result(job, array=array, record=record, headers=headers, pixels=pixels,
-                       dicom=_encode(clean) if settings.keep_dicom else None)
+        stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
+        if array is not None:
+            np.save(f"{stem}.npy", array, allow_pickle=False)
+        if pixels is not None:
+            np.save(f"{stem}.pixels.npy", pixels, allow_pickle=False)
+        if settings.keep_dicom:
+            pydicom.dcmwrite(f"{stem}.dcm", clean, enforce_file_format=True)
+        return _Result(job, record=record, headers=headers)
     except RejectedFile as exc:
         return _Result(job, reason=str(exc))
     except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
@@ -653,24 +659,14 @@ def _pixel_spacing(ds: Dataset) -> float:
     return math.nan
 
 
-def _encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 # ----------------------------------------------------------------------------------------------
 # writing (main process only, so that names are checked before anything lands on disk)
 
 
 def _store(result: _Result, ws: Workspace) -> dict:
-    sop = result.record["sop_uid"]
-    image = Path("arrays") / f"{sop}.npy"
-    buffer = io.BytesIO()
-    np.save(buffer, result.array)
-    _write_atomic(ws.ingest / image, buffer.getvalue())
-    if result.dicom is not None:
-        _write_atomic(ws.ingest / "dicom" / f"{sop}.dcm", result.dicom)
+    image = Path("arrays") / f"{result.record['sop_uid']}.npy"
+    os.replace(_staging(ws) / f"{result.job.content_hash}.npy", ws.ingest / image)
+    _place_dicom(result, ws)
     return {**result.record, "image": image.as_posix(), "volume": "", "label": pd.NA}
 
 
