@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,7 @@ import pytest
 
 from medtl.config import IngestConfig
 from medtl.ingest import ingest_folder, load_ledger, load_manifest
+from medtl.ingest.manifest import read_manifest
 from medtl.workspace import Workspace
 from tests.conftest import SHARED
 
@@ -41,3 +43,22 @@ def test_every_series_is_ingested_as_dcm2niix_writes_it(tmp_path: Path) -> None:
         assert array.shape == (1, 32, 32, 32) and array.dtype == np.float32
         assert 0.0 <= array.min() and array.max() <= 1.0
     assert set(manifest["vendor"].str.upper().str[:2]) == {"GE", "SI"}
+    assert (ledger.loc[ledger["status"] == "ingested", "image"].isin(set(read_manifest(ws)["image"]))).all()
+
+
+@pytest.mark.skipif(not QA.is_dir(), reason=f"{QA} not found (../shared is absent); nothing to compare against")
+def test_rerun_does_nothing_and_labels_reach_the_series_volume(tmp_path: Path) -> None:
+    series = QA / "In" / "20180918GE" / "mr_0004"
+    folder = tmp_path / "input"
+    shutil.copytree(series, folder)
+    slices = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.dcm"))
+    ws = Workspace(tmp_path / "work")
+    cfg = IngestConfig(input_dir=folder, spatial_dims=3, image_size=16)
+    first = ingest_folder(cfg, ws)
+    assert len(load_manifest(ws)) == 1 and first.ingested == len(slices)
+
+    (folder / "labels.csv").write_text("path,label\n" + "".join(f"{s},1\n" for s in slices))
+    again = ingest_folder(cfg, ws)
+
+    assert again.skipped_already_done == again.files_in == first.files_in
+    assert load_manifest(ws)["label"].tolist() == [1]

@@ -176,9 +176,11 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
 
     counts = Counter(status for status, _ in plan.already)
     counts.update(row["status"] for row in plan.duplicates + new_rows)
-    hospital_of = dict(zip(new_manifest["content_hash"], new_manifest["hospital"]))
-    per_hospital = Counter(hospital_of[h] for status, h in plan.already if status == "ingested")
-    per_hospital.update(row["hospital"] for row in ingested_rows)
+    hospital_of = dict(zip(new_manifest["image"], new_manifest["hospital"]))
+    this_run = {rel for rel, _ in files}
+    per_hospital = Counter(hospital_of.get(image, "unknown")  # ingested files per hospital
+                           for path, status, image in zip(new_ledger["path"], new_ledger["status"], new_ledger["image"])
+                           if status == "ingested" and path in this_run)
     summary = IngestSummary(files_in=len(files), ingested=counts["ingested"], quarantined=counts["quarantined"],
                             duplicates=counts["duplicate"], skipped_already_done=len(plan.already),
                             per_hospital=dict(sorted(per_hospital.items())), manifest_rows=len(new_manifest),
@@ -254,7 +256,7 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
         else:
             sop_owner[sop] = job.content_hash
             manifest_rows.append(_store(result, ws))
-            ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "ingested", ""))
+            ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "ingested", "", manifest_rows[-1]["image"]))
         if i % max(1, len(jobs) // 10) == 0 or i == len(jobs):
             logger.info("processed %d/%d new files", i, len(jobs))
         if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
@@ -317,7 +319,7 @@ def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
     """3D: group the new files' slices into series, assemble each from the pixels the sandbox decoded, write
     NIfTI + arrays. Assembly parses nothing (the stashed arrays are our own ``.npy``), so it runs here."""
     by_path = {r.job.path: r for r in slices}
-    fate: dict[Path, tuple[str, str]] = {}  # a file can hold slices of several groups: the first fate wins
+    fate: dict[Path, tuple[str, str, str]] = {}  # (status, reason, image); a file in several groups: first wins
     volumes = []
     for group in group_series(h for r in slices for h in r.headers):
         if is_volume_series(group):
@@ -326,7 +328,7 @@ def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
             for path in group.files:
                 fate.setdefault(path, ("quarantined", "2D image (one slice position, or no ImagePositionPatient / "
                                                       "ImageOrientationPatient) but ingest.spatial_dims is 3; "
-                                                      "ingest it with spatial_dims: 2"))
+                                                      "ingest it with spatial_dims: 2", ""))
     (ws.ingest / "volumes").mkdir(parents=True, exist_ok=True)
     for group in volumes:
         members = [by_path[p] for p in group.files]
@@ -335,22 +337,22 @@ def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
         result = assemble_series(group, settings.image_size, decoded)
         if result.reason:
             for path in group.files:
-                fate.setdefault(path, ("quarantined", f"{group.describe()}: {result.reason}"))
+                fate.setdefault(path, ("quarantined", f"{group.describe()}: {result.reason}", ""))
             continue
         dropped = set(result.volume.dropped_files)
-        for path in group.files:
-            fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as a kept slice")
-                            if path in dropped else ("ingested", ""))
         kept = [r for r in members if r.job.path not in dropped]
         manifest_rows.append(_store_volume(group, result, kept, ws))
+        for path in group.files:
+            fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as a kept slice", "")
+                            if path in dropped else ("ingested", "", manifest_rows[-1]["image"]))
     for path, result in by_path.items():
-        status, reason = fate[path]
+        status, reason, image = fate[path]
         if status != "ingested":  # its de-identified copy was written when it arrived; it is not an output
             (ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm").unlink(missing_ok=True)
         if status == "quarantined":
             _quarantine(result.job, ws.quarantine)
             logger.warning("quarantined %s: %s", result.job.relpath, reason)
-        ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason))
+        ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason, image))
     checkpoint(ledger_rows, manifest_rows)
 
 
@@ -388,7 +390,7 @@ def drop_missing_images(ledger: pd.DataFrame, manifest: pd.DataFrame,
     """
     present = manifest["image"].map(lambda rel: (ws.ingest / rel).is_file()).astype(bool)
     manifest = manifest[present].reset_index(drop=True)
-    lost = (ledger["status"] == "ingested") & ~ledger["content_hash"].isin(set(manifest["content_hash"]))
+    lost = (ledger["status"] == "ingested") & ~ledger["image"].isin(set(manifest["image"]))
     if lost.any():
         logger.warning("%d previously ingested files lost their array or manifest row; ingesting them again",
                        int(lost.sum()))
@@ -511,20 +513,22 @@ def apply_labels(manifest: pd.DataFrame, ledger: pd.DataFrame, labels: dict[str,
     Returns:
         The manifest with its ``label`` column updated.
     """
-    by_hash: dict[str, int] = {}
-    for path, content_hash in zip(ledger["path"], ledger["content_hash"]):
-        if path in labels:
-            if by_hash.setdefault(content_hash, labels[path]) != labels[path]:
-                logger.warning("%s: label %d conflicts with %d given to an identical file; keeping %d",
-                               path, labels[path], by_hash[content_hash], by_hash[content_hash])
+    image_of = {h: image for h, image in zip(ledger["content_hash"], ledger["image"]) if image}
+    by_image: dict[str, int] = {}
+    for path, content_hash, image in zip(ledger["path"], ledger["content_hash"], ledger["image"]):
+        target = image or image_of.get(content_hash)  # a duplicate's label goes to its original's image
+        if path in labels and target:
+            if by_image.setdefault(target, labels[path]) != labels[path]:
+                logger.warning("%s: label %d conflicts with %d given to another file of the same image or "
+                               "series; keeping %d", path, labels[path], by_image[target], by_image[target])
     out = manifest.copy()
-    out["label"] = pd.array([by_hash.get(h, old) for h, old in zip(out["content_hash"], out["label"])],
+    out["label"] = pd.array([by_image.get(image, old) for image, old in zip(out["image"], out["label"])],
                             dtype="Int64")
     return out
 
 
-def _ledger_row(path: str, content_hash: str, status: str, reason: str) -> dict:
-    return {"path": path, "content_hash": content_hash, "status": status, "reason": reason}
+def _ledger_row(path: str, content_hash: str, status: str, reason: str, image: str = "") -> dict:
+    return {"path": path, "content_hash": content_hash, "status": status, "reason": reason, "image": image}
 
 
 def _concat(first: pd.DataFrame, second: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

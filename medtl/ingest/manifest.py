@@ -41,6 +41,7 @@ LEDGER_COLUMNS: dict[str, str] = {
     "content_hash": "str",
     "status": "str",
     "reason": "str",  # empty for ingested files
+    "image": "str",  # ingested: the manifest image it went into (3D: its series' array); else empty
 }
 
 STATUSES = ("ingested", "quarantined", "duplicate")
