@@ -54,21 +54,28 @@ def test_run_killed_at_any_point_then_rerun_equals_uninterrupted_run(cohort: Pat
     reference = Workspace(tmp_path / "reference")
     ingest_folder(IngestConfig(input_dir=cohort, image_size=32, workers=2), reference)
     expected = outputs(reference.ingest)
-
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start(ws: Workspace) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, str(cohort), str(ws.root)], env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    t0 = time.perf_counter()
+    assert start(Workspace(tmp_path / "timing")).wait(timeout=120) == 0
+    duration = time.perf_counter() - t0  # kill points are spread over what a whole run takes here
+
     killed_mid_run = 0
-    for i, delay in enumerate((0.3, 1.0, 1.6, 2.2, 2.8, 3.5)):
+    for i, fractions in enumerate([(0.15,), (0.3,), (0.45,), (0.6,), (0.75,), (0.9,), (0.5, 0.3)]):
         ws = Workspace(tmp_path / f"killed_{i}")
-        for _ in range(2):  # kill the same workspace twice: resuming a resumed run must work too
-            proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, str(cohort), str(ws.root)], env=env,
-                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(delay)
+        for fraction in fractions:  # (0.5, 0.3): a resumed run is killed again
+            proc = start(ws)
+            time.sleep(fraction * duration)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a scheduler would
                 killed_mid_run += 1
             proc.wait(timeout=60)
         ingest_folder(IngestConfig(input_dir=cohort, image_size=32, workers=2), ws)
-        assert outputs(ws.ingest) == expected, f"kill after {delay} s: outputs differ from the uninterrupted run"
+        assert outputs(ws.ingest) == expected, f"killed at {fractions} of a run: outputs differ from the reference"
     assert killed_mid_run >= 6, "the runs finished before being killed; the test did not exercise interruption"
 
 

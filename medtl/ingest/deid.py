@@ -75,7 +75,10 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from medtl.config import DeidConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medtl.config import DeidConfig
 
 DEVELOPMENT_KEY = b"medtl-development-key-not-for-real-data"
 """Key used when no secret is configured: fine for the synthetic cohort, never for real data."""

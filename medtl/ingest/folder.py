@@ -18,31 +18,27 @@ import functools
 import hashlib
 import io
 import logging
-import math
 import os
 import shutil
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
 
 from medtl.config import IngestConfig
-from medtl.ingest.deid import (DeidOptions, burned_in_annotation_risk, check_uid_root, deidentify, resolve_secret,
-                               site_label)
+from medtl.ingest.deid import DeidOptions, check_uid_root, resolve_secret
 from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, ledger_path, merge_manifest,
                                    load_ledger, read_manifest, write_table_atomic)
-from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate, voi_window
+from medtl.ingest.reader import RejectedFile, preprocess
 from medtl.ingest.sandbox import available_cpus, sandboxed_map
-from medtl.ingest.volume import (RejectedSeries, SeriesGroup, SliceHeader, Volume, assemble, decode_stored,
-                                 group_series, is_volume_series, read_slice_headers, write_nifti)
+from medtl.ingest.volume import RejectedSeries, SeriesGroup, Volume, assemble, group_series, is_volume_series, write_nifti
+from medtl.ingest.worker import FileJob, FileResult, WorkerSettings, ingest_file
 from medtl.workspace import Workspace
 
 logger = logging.getLogger("medtl.ingest")
@@ -74,43 +70,6 @@ class IngestSummary:
                 f"+ duplicates {self.duplicates} (already done {self.skipped_already_done})")
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What a worker needs to ingest one file (picklable)."""
-
-    image_size: int
-    spatial_dims: int
-    site_attribute: str
-    key: bytes
-    uid_root: str
-    keep_dicom: bool
-    deid: DeidOptions
-    site_aliases: dict[str, str]
-    pixels_cleaned_upstream: bool
-    windowing: str
-    max_decoded_bytes: int
-    staging: Path
-
-
-@dataclass(frozen=True)
-class _Job:
-    path: Path
-    relpath: str
-    content_hash: str
-
-
-@dataclass
-class _Result:
-    """A worker's verdict on one file. Its outputs wait in the staging folder under ``<content hash>.*``
-    (``.npy`` model array, ``.dcm`` de-identified copy, ``.pixels.npy`` 3D stored pixels) for the main
-    process to move into place, so that no large payload crosses between processes."""
-
-    job: _Job
-    reason: str = ""
-    record: dict = field(default_factory=dict)
-    headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
-
-
 def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     """Ingest every file of ``cfg.input_dir`` (default ``ws.dicom``) into ``ws.ingest``.
 
@@ -136,7 +95,7 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     labels_csv = cfg.labels_csv if cfg.labels_csv is not None else input_dir / "labels.csv"
     if cfg.labels_csv is not None and not labels_csv.is_file():
         raise FileNotFoundError(f"ingest.labels_csv {labels_csv} does not exist")
-    settings = _Settings(image_size=cfg.image_size, spatial_dims=cfg.spatial_dims,
+    settings = WorkerSettings(image_size=cfg.image_size, spatial_dims=cfg.spatial_dims,
                          site_attribute=cfg.site_attribute, key=resolve_secret(cfg.deid),
                          uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
                          deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
@@ -193,7 +152,7 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
 
 @dataclass
 class _Plan:
-    jobs: list[_Job] = field(default_factory=list)
+    jobs: list[FileJob] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)  # ledger rows decided without parsing (also refused links)
     already: list[tuple[str, str]] = field(default_factory=list)  # (status, content hash) from earlier runs
 
@@ -224,11 +183,11 @@ def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame, input_dir: Path) 
             plan.duplicates.append(_ledger_row(rel, content_hash, "duplicate", reason))
         else:
             owner[content_hash] = rel
-            plan.jobs.append(_Job(path, rel, content_hash))
+            plan.jobs.append(FileJob(path, rel, content_hash))
     return plan
 
 
-def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest: pd.DataFrame, ws: Workspace,
+def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, manifest: pd.DataFrame, ws: Workspace,
              checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
     """Ingest or quarantine each job; returns its ledger rows and the new manifest rows.
 
@@ -239,7 +198,7 @@ def _process(jobs: list[_Job], settings: _Settings, cfg: IngestConfig, manifest:
     sop_owner = dict(zip(manifest["sop_uid"], manifest["content_hash"]))
     ledger_rows: list[dict] = []
     manifest_rows: list[dict] = []
-    slices: list[_Result] = []
+    slices: list[FileResult] = []
     for i, result in enumerate(_run(jobs, settings, cfg), start=1):
         job = result.job
         if result.headers and not result.reason:
@@ -273,7 +232,7 @@ def _staging(ws: Workspace) -> Path:
     return ws.ingest / ".staging"
 
 
-def _place_dicom(result: _Result, ws: Workspace) -> _Result:
+def _place_dicom(result: FileResult, ws: Workspace) -> FileResult:
     staged = _staging(ws) / f"{result.job.content_hash}.dcm"
     if staged.exists():
         os.replace(staged, ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm")
@@ -313,7 +272,7 @@ def assemble_series(group: SeriesGroup, image_size: int,
     return _SeriesResult(volume=volume, array=array.astype(np.float32))
 
 
-def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
+def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Workspace,
                     ledger_rows: list[dict], manifest_rows: list[dict],
                     checkpoint: Callable[[list[dict], list[dict]], object]) -> None:
     """3D: group the new files' slices into series, assemble each from the pixels the sandbox decoded, write
@@ -356,7 +315,7 @@ def _process_series(slices: list[_Result], settings: _Settings, ws: Workspace,
     checkpoint(ledger_rows, manifest_rows)
 
 
-def _store_volume(group: SeriesGroup, result: _SeriesResult, members: list[_Result], ws: Workspace) -> dict:
+def _store_volume(group: SeriesGroup, result: _SeriesResult, members: list[FileResult], ws: Workspace) -> dict:
     record = dict(members[0].record)
     # The de-identified series UID names the outputs: SeriesDescription could carry identifying text.
     stem = record["series_uid"] + (f"_{group.part}" if group.part else "")
@@ -537,144 +496,28 @@ def _concat(first: pd.DataFrame, second: pd.DataFrame, columns: dict[str, str]) 
 
 
 # ----------------------------------------------------------------------------------------------
-# per-file work (runs in sandboxed worker processes: medtl.ingest.sandbox)
+# running the per-file work (medtl.ingest.worker) in the sandbox
 
 
-def _run(jobs: list[_Job], settings: _Settings, cfg: IngestConfig) -> Iterator[_Result]:
+def _run(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig) -> Iterator[FileResult]:
     workers = max(1, min(cfg.workers or available_cpus(), len(jobs)))
     return sandboxed_map(functools.partial(ingest_file, settings=settings), jobs, workers=workers,
                          memory_mb=cfg.worker_memory_mb, timeout_s=cfg.file_timeout_s,
-                         on_failure=lambda job, reason: _Result(job, reason=reason))
-
-
-def ingest_file(job: _Job, settings: _Settings) -> _Result:
-    """Read, validate, decode, preprocess and de-identify one file; never raises.
-
-    Args:
-        job: the file.
-        settings: image size, dimensionality, site attribute and de-identification key.
-
-    Returns:
-        A result with either ``reason`` (quarantine) or the array, the de-identified DICOM bytes
-        and the manifest fields.
-    """
-    try:
-        ds = read_dataset(job.path, max_bytes=settings.max_decoded_bytes)
-        if is_dicomdir(ds):
-            raise RejectedFile(dicomdir_reason(ds))
-        if "SOPInstanceUID" not in ds:
-            raise RejectedFile("no SOPInstanceUID (0008,0018): the image cannot be identified")
-        if risk := burned_in_annotation_risk(ds, settings.pixels_cleaned_upstream):
-            raise RejectedFile(risk)
-        array, headers, pixels = None, [], None
-        if settings.spatial_dims == 2:
-            validate(ds, 2, max_decoded_bytes=settings.max_decoded_bytes)
-            array = _model_array(ds, settings)
-        else:
-            validate(ds, 2 if _frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
-            # pixels are decoded per series, once every slice of it is known
-            # SeriesDescription is free text from before de-identification: it must not reach reasons or logs
-            headers = [replace(h, dataset=None, series_description="") for h in read_slice_headers(job.path, ds)]
-            if _frames(ds) > 1 and not any(h.has_geometry for h in headers):
-                headers = []  # a multi-frame file without patient geometry: its frames are the slices, no NIfTI
-                array = _model_array(ds, settings)
-            else:
-                try:
-                    pixels = decode_stored(ds, job.relpath)
-                except RejectedSeries as exc:
-                    raise RejectedFile(str(exc)) from exc
-        site = site_label(str(ds.get(settings.site_attribute, "") or ""), settings.site_aliases, settings.key)
-        record = {
-            "hospital": site or (job.relpath.split("/")[0] if "/" in job.relpath else "unknown"),
-            "vendor": str(ds.get("Manufacturer", "") or ""),
-            "model": str(ds.get("ManufacturerModelName", "") or ""),
-            "modality": str(ds.get("Modality", "") or ""),
-            "content_hash": job.content_hash,
-            "rows": int(ds.Rows),
-            "columns": int(ds.Columns),
-            "pixel_spacing_mm": _pixel_spacing(ds),
-        }
-        clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
-        record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
-                      series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
-        stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
-        if array is not None:
-            np.save(f"{stem}.npy", array, allow_pickle=False)
-        if pixels is not None:
-            np.save(f"{stem}.pixels.npy", pixels, allow_pickle=False)
-        if settings.keep_dicom:
-            pydicom.dcmwrite(f"{stem}.dcm", clean, enforce_file_format=True)
-        return _Result(job, record=record, headers=headers)
-    except RejectedFile as exc:
-        return _Result(job, reason=str(exc))
-    except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
-        return _Result(job, reason=f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
-
-
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-
-
-def is_dicomdir(ds: Dataset) -> bool:
-    """Whether ``ds`` is a media directory (DICOMDIR) rather than an image."""
-    return ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds
-
-
-def dicomdir_reason(ds: Dataset) -> str:
-    """The quarantine reason of a DICOMDIR, naming file IDs that would escape the folder.
-
-    Ingestion walks the folder itself and never follows a DICOMDIR's references, so the files it lists are
-    ingested (or not) as ordinary files, and a file ID like ``../../etc/passwd`` is never opened.
-    """
-    file_ids = []
-    for record in ds.get("DirectoryRecordSequence", []):
-        value = record.get("ReferencedFileID")
-        if value is not None:
-            parts = [value] if isinstance(value, str) else list(value)
-            file_ids.append("/".join(str(p) for p in parts))
-    escaping = [f for f in file_ids if f.startswith("/") or ".." in f.replace("\\", "/").split("/")]
-    reason = (f"DICOMDIR (media directory index, no image): its {len(file_ids)} referenced files are ingested as "
-              "ordinary files of the folder")
-    if escaping:
-        reason += (f"; {len(escaping)} file IDs point outside the folder and were never opened, e.g. "
-                   f"{escaping[0]!r}")
-    return reason
-
-
-def _model_array(ds: Dataset, settings: _Settings) -> np.ndarray:
-    voi = voi_window(ds) if settings.windowing == "dicom" else None
-    return preprocess(decode(ds), settings.image_size, voi=voi).astype(np.float32)
-
-
-def _frames(ds: Dataset) -> int:
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _pixel_spacing(ds: Dataset) -> float:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            value = float(ds[keyword].value[0])
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
-        if math.isfinite(value) and value > 0:
-            return value
-    return math.nan
+                         on_failure=lambda job, reason: FileResult(job, reason=reason))
 
 
 # ----------------------------------------------------------------------------------------------
 # writing (main process only, so that names are checked before anything lands on disk)
 
 
-def _store(result: _Result, ws: Workspace) -> dict:
+def _store(result: FileResult, ws: Workspace) -> dict:
     image = Path("arrays") / f"{result.record['sop_uid']}.npy"
     os.replace(_staging(ws) / f"{result.job.content_hash}.npy", ws.ingest / image)
     _place_dicom(result, ws)
     return {**result.record, "image": image.as_posix(), "volume": "", "label": pd.NA}
 
 
-def _quarantine(job: _Job, quarantine: Path) -> None:
+def _quarantine(job: FileJob, quarantine: Path) -> None:
     target = quarantine / f"{job.content_hash[:16]}_{job.path.name}"
     tmp = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
     shutil.copyfile(job.path, tmp)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR
@@ -739,6 +738,8 @@ def write_nifti(volume: Volume, path: Path) -> Path:
         raise ValueError(f"NIfTI path {path} must end in .nii or .nii.gz")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
+    import nibabel as nib  # only the main process writes NIfTI; workers need not load it
+
     image = nib.Nifti1Image(volume.data, volume.affine)
     header = image.header
     image.set_sform(volume.affine, code=1)

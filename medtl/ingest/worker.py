@@ -1,0 +1,175 @@
+"""The per-file half of ingestion, which runs in sandboxed worker processes (:mod:`medtl.ingest.sandbox`).
+
+Kept apart from :mod:`medtl.ingest.folder` so that a worker imports only what parsing a file needs
+(pydicom, numpy, the de-identification tables), not the tables and configuration machinery of the
+main process: every worker start, and every restart after a hostile file killed one, pays for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from medtl.ingest.deid import DeidOptions, burned_in_annotation_risk, deidentify, site_label
+from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate, voi_window
+from medtl.ingest.volume import RejectedSeries, SliceHeader, decode_stored, read_slice_headers
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to ingest one file (picklable); outputs go to ``staging``."""
+
+    image_size: int
+    spatial_dims: int
+    site_attribute: str
+    key: bytes
+    uid_root: str
+    keep_dicom: bool
+    deid: DeidOptions
+    site_aliases: dict[str, str]
+    pixels_cleaned_upstream: bool
+    windowing: str
+    max_decoded_bytes: int
+    staging: Path
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One input file: where it is, its path relative to the input folder, the sha256 of its bytes."""
+
+    path: Path
+    relpath: str
+    content_hash: str
+
+
+@dataclass
+class FileResult:
+    """A worker's verdict on one file. Its outputs wait in the staging folder under ``<content hash>.*``
+    (``.npy`` model array, ``.dcm`` de-identified copy, ``.pixels.npy`` 3D stored pixels) for the main
+    process to move into place, so that no large payload crosses between processes."""
+
+    job: FileJob
+    reason: str = ""
+    record: dict = field(default_factory=dict)
+    headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
+
+
+def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
+    """Read, validate, decode, preprocess and de-identify one file; never raises.
+
+    Args:
+        job: the file.
+        settings: image size, dimensionality, site attribute and de-identification key.
+
+    Returns:
+        A result with either ``reason`` (quarantine) or the array, the de-identified DICOM bytes
+        and the manifest fields.
+    """
+    try:
+        ds = read_dataset(job.path, max_bytes=settings.max_decoded_bytes)
+        if is_dicomdir(ds):
+            raise RejectedFile(dicomdir_reason(ds))
+        if "SOPInstanceUID" not in ds:
+            raise RejectedFile("no SOPInstanceUID (0008,0018): the image cannot be identified")
+        if risk := burned_in_annotation_risk(ds, settings.pixels_cleaned_upstream):
+            raise RejectedFile(risk)
+        array, headers, pixels = None, [], None
+        if settings.spatial_dims == 2:
+            validate(ds, 2, max_decoded_bytes=settings.max_decoded_bytes)
+            array = _model_array(ds, settings)
+        else:
+            validate(ds, 2 if _frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
+            # pixels are decoded per series, once every slice of it is known
+            # SeriesDescription is free text from before de-identification: it must not reach reasons or logs
+            headers = [replace(h, dataset=None, series_description="") for h in read_slice_headers(job.path, ds)]
+            if _frames(ds) > 1 and not any(h.has_geometry for h in headers):
+                headers = []  # a multi-frame file without patient geometry: its frames are the slices, no NIfTI
+                array = _model_array(ds, settings)
+            else:
+                try:
+                    pixels = decode_stored(ds, job.relpath)
+                except RejectedSeries as exc:
+                    raise RejectedFile(str(exc)) from exc
+        site = site_label(str(ds.get(settings.site_attribute, "") or ""), settings.site_aliases, settings.key)
+        record = {
+            "hospital": site or (job.relpath.split("/")[0] if "/" in job.relpath else "unknown"),
+            "vendor": str(ds.get("Manufacturer", "") or ""),
+            "model": str(ds.get("ManufacturerModelName", "") or ""),
+            "modality": str(ds.get("Modality", "") or ""),
+            "content_hash": job.content_hash,
+            "rows": int(ds.Rows),
+            "columns": int(ds.Columns),
+            "pixel_spacing_mm": _pixel_spacing(ds),
+        }
+        clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
+        record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
+                      series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
+        stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
+        if array is not None:
+            np.save(f"{stem}.npy", array, allow_pickle=False)
+        if pixels is not None:
+            np.save(f"{stem}.pixels.npy", pixels, allow_pickle=False)
+        if settings.keep_dicom:
+            pydicom.dcmwrite(f"{stem}.dcm", clean, enforce_file_format=True)
+        return FileResult(job, record=record, headers=headers)
+    except RejectedFile as exc:
+        return FileResult(job, reason=str(exc))
+    except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
+        return FileResult(job, reason=f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
+
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def is_dicomdir(ds: Dataset) -> bool:
+    """Whether ``ds`` is a media directory (DICOMDIR) rather than an image."""
+    return ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds
+
+
+def dicomdir_reason(ds: Dataset) -> str:
+    """The quarantine reason of a DICOMDIR, naming file IDs that would escape the folder.
+
+    Ingestion walks the folder itself and never follows a DICOMDIR's references, so the files it lists are
+    ingested (or not) as ordinary files, and a file ID like ``../../etc/passwd`` is never opened.
+    """
+    file_ids = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        value = record.get("ReferencedFileID")
+        if value is not None:
+            parts = [value] if isinstance(value, str) else list(value)
+            file_ids.append("/".join(str(p) for p in parts))
+    escaping = [f for f in file_ids if f.startswith("/") or ".." in f.replace("\\", "/").split("/")]
+    reason = (f"DICOMDIR (media directory index, no image): its {len(file_ids)} referenced files are ingested as "
+              "ordinary files of the folder")
+    if escaping:
+        reason += (f"; {len(escaping)} file IDs point outside the folder and were never opened, e.g. "
+                   f"{escaping[0]!r}")
+    return reason
+
+
+def _model_array(ds: Dataset, settings: WorkerSettings) -> np.ndarray:
+    voi = voi_window(ds) if settings.windowing == "dicom" else None
+    return preprocess(decode(ds), settings.image_size, voi=voi).astype(np.float32)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _pixel_spacing(ds: Dataset) -> float:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = float(ds[keyword].value[0])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return math.nan
