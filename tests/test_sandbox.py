@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +49,15 @@ def test_arguments_are_checked():
         list(sandboxed_map(abs, [1], workers=0, on_failure=_failure))
     with pytest.raises(ValueError, match="timeout_s"):
         list(sandboxed_map(abs, [1], timeout_s=0, on_failure=_failure))
+
+
+def test_workers_that_cannot_start_are_an_error_not_a_quarantine(tmp_path):
+    # The classic case: a script that calls medtl at top level, without the __main__ guard 'spawn' needs.
+    script = tmp_path / "unguarded.py"
+    script.write_text("from medtl.ingest.sandbox import sandboxed_map\n"
+                      "print(list(sandboxed_map(abs, [-1, 2], on_failure=lambda job, why: why)))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+    assert run.returncode != 0
+    assert "WorkersCannotStart" in run.stderr and "__name__" in run.stderr

@@ -28,7 +28,7 @@ from typing import TypeVar
 J = TypeVar("J")
 R = TypeVar("R")
 
-_LOOKAHEAD = 4  # inputs queued per worker: enough to keep workers busy, few enough to bound result memory
+_LOOKAHEAD = 32  # inputs queued per worker: a slow input at the head of the line must not leave workers idle
 
 
 def available_cpus() -> int:
@@ -90,6 +90,7 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                                initializer=_limit_address_space, initargs=(memory_mb,))
     inflight: deque[tuple[J, Future]] = deque()
     try:
+        _check_workers_start(pool, memory_mb)
         while queue or inflight:
             while queue and len(inflight) < _LOOKAHEAD * workers:
                 job = queue.popleft()
@@ -126,6 +127,21 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
         if inflight:
             _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WorkersCannotStart(RuntimeError):
+    """Worker processes die before running anything: no input is to blame, so none is quarantined."""
+
+
+def _check_workers_start(pool: ProcessPoolExecutor, memory_mb: int) -> None:
+    # Without this, a pool whose workers cannot start at all would be read as every input killing its worker.
+    try:
+        pool.submit(available_cpus).result(timeout=120)
+    except (BrokenProcessPool, FutureTimeout) as exc:
+        raise WorkersCannotStart(
+            "worker processes cannot start. If medtl is called from a script, put the call under "
+            "`if __name__ == \"__main__\":` (workers are started with 'spawn', which imports the script again); "
+            f"otherwise raise ingest.worker_memory_mb (now {memory_mb} MiB) so Python itself fits") from exc
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
