@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,14 @@ def test_cli_synth_writes_dicom(tmp_path, capsys):
     assert main(["synth", "--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", str(tmp_path)]) == 0
     assert len(list((tmp_path / "dicom").rglob("*.dcm"))) > 100
     assert "finished" in capsys.readouterr().out
+
+
+def test_cli_ingest_as_a_user_runs_it(tmp_path) -> None:
+    # The console script's __main__ imports torch: sandboxed workers must start without it, within their budget.
+    medtl = Path(sys.executable).with_name("medtl")
+    for command in ("synth", "ingest"):
+        run = subprocess.run([str(medtl), command, "--config", str(ROOT / "configs" / "tiny.yaml"),
+                              "--workdir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    assert "files in 124 = ingested 120 + quarantined 3 + duplicates 1 (already done 0)" in run.stdout

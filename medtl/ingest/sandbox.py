@@ -5,8 +5,8 @@ ingestion run or take the machine down, so every input is handled in a worker pr
 
 * is started fresh (``spawn``): it does not inherit the parent's address space (a CUDA-enabled torch
   alone maps gigabytes), so the limit below measures the file's cost, not the caller's;
-* has an address-space limit (``RLIMIT_AS``): an allocation past it raises ``MemoryError`` in the
-  worker instead of waking the kernel's OOM killer;
+* has an address-space limit (``RLIMIT_AS``, ``memory_mb`` above what the fresh interpreter maps): an
+  allocation past it raises ``MemoryError`` in the worker instead of waking the kernel's OOM killer;
 * has a time limit per input: a worker that does not answer in time is killed.
 
 When a worker dies or hangs, the inputs it might have been working on are re-run one at a time in a
@@ -16,8 +16,11 @@ other input still gets its normal result.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import sys
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,8 +42,34 @@ def available_cpus() -> int:
 def _limit_address_space(memory_mb: int) -> None:
     import resource
 
-    limit = memory_mb * 1024 * 1024
+    # On top of what the worker already maps (the interpreter and its libraries), so the limit is the file's budget.
+    limit = _mapped_bytes() + memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _mapped_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: count from zero
+        return 0
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """While worker processes start, hide the caller's ``__main__`` from ``spawn``.
+
+    ``spawn`` re-imports the parent's main module in every worker. Behind a Prefect flow or the ``medtl`` CLI that
+    module imports prefect and a CUDA build of torch (seconds and gigabytes per worker, none of it needed), and a
+    script without an ``if __name__ == "__main__":`` guard would start ingesting again inside each worker.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 def sandboxed_map(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int = 1, memory_mb: int = 3072,
@@ -94,7 +123,8 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
         while queue or inflight:
             while queue and len(inflight) < _LOOKAHEAD * workers:
                 job = queue.popleft()
-                inflight.append((job, pool.submit(fn, job)))
+                with _main_module_hidden():  # submit starts the workers it needs
+                    inflight.append((job, pool.submit(fn, job)))
             job, future = inflight[0]
             try:
                 result = future.result(timeout=timeout_s)
@@ -136,12 +166,13 @@ class WorkersCannotStart(RuntimeError):
 def _check_workers_start(pool: ProcessPoolExecutor, memory_mb: int) -> None:
     # Without this, a pool whose workers cannot start at all would be read as every input killing its worker.
     try:
-        pool.submit(available_cpus).result(timeout=120)
+        with _main_module_hidden():
+            first = pool.submit(available_cpus)
+        first.result(timeout=120)
     except (BrokenProcessPool, FutureTimeout) as exc:
         raise WorkersCannotStart(
-            "worker processes cannot start. If medtl is called from a script, put the call under "
-            "`if __name__ == \"__main__\":` (workers are started with 'spawn', which imports the script again); "
-            f"otherwise raise ingest.worker_memory_mb (now {memory_mb} MiB) so Python itself fits") from exc
+            "worker processes cannot start (they need a Python able to import medtl, and "
+            f"ingest.worker_memory_mb={memory_mb} MiB beyond what the interpreter maps)") from exc
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
