@@ -559,7 +559,10 @@ def _functional_group(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
 
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
-    value = ds.get(keyword, default)
+    return _finite(keyword, ds.get(keyword, default))
+
+
+def _finite(keyword: str, value: object) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError) as exc:
@@ -618,13 +621,7 @@ def _first(ds: Dataset, keyword: str) -> float:
         if not value:
             raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: empty")
         value = value[0]
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not a number") from exc
-    if not math.isfinite(number):
-        raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not finite")
-    return number
+    return _finite(keyword, value)
 
 
 def _window_function(ds: Dataset) -> Callable[[np.ndarray], np.ndarray]:
