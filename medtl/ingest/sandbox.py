@@ -17,6 +17,7 @@ other input still gets its normal result.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import sys
@@ -119,7 +120,7 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                                initializer=_limit_address_space, initargs=(memory_mb,))
     inflight: deque[tuple[J, Future]] = deque()
     try:
-        _check_workers_start(pool, memory_mb)
+        _start_workers(pool, workers, getattr(getattr(fn, "func", fn), "__module__", None) or "builtins", memory_mb)
         while queue or inflight:
             while queue and len(inflight) < _LOOKAHEAD * workers:
                 job = queue.popleft()
@@ -163,15 +164,24 @@ class WorkersCannotStart(RuntimeError):
     """Worker processes die before running anything: no input is to blame, so none is quarantined."""
 
 
-def _check_workers_start(pool: ProcessPoolExecutor, memory_mb: int) -> None:
-    # Without this, a pool whose workers cannot start at all would be read as every input killing its worker.
+def _warm(module: str) -> None:
+    importlib.import_module(module)
+
+
+def _start_workers(pool: ProcessPoolExecutor, workers: int, module: str, memory_mb: int) -> None:
+    """Start every worker at once and have each import ``module`` (the job function's), in parallel.
+
+    The pool would otherwise start one worker per submission, the second only after the first is busy. And a pool
+    whose workers cannot start at all must not be read as every input killing its worker.
+    """
     try:
         with _main_module_hidden():
-            first = pool.submit(available_cpus)
-        first.result(timeout=120)
-    except (BrokenProcessPool, FutureTimeout) as exc:
+            warming = [pool.submit(_warm, module) for _ in range(workers)]
+        for future in warming:
+            future.result(timeout=120)
+    except (BrokenProcessPool, FutureTimeout, ImportError) as exc:
         raise WorkersCannotStart(
-            "worker processes cannot start (they need a Python able to import medtl, and "
+            f"worker processes cannot start (they need a Python able to import {module}, and "
             f"ingest.worker_memory_mb={memory_mb} MiB beyond what the interpreter maps)") from exc
 
 
