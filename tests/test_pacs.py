@@ -341,7 +341,12 @@ def test_permanent_errors_fail_at_once(orthanc, tmp_path, case, message) -> None
     sleeps = Sleeps()
     with pytest.raises(PermanentPacsError, match=message):
         pull(cfg, tmp_path / "in", sleep=sleeps)
-    assert sleeps == []
+    if case.endswith("_ae"):
+        # Orthanc closes the socket right after its A-ASSOCIATE-RJ; now and then (3 of 40 tries here) pynetdicom
+        # sees the close first, which is an abort and rightly retried once; the next try reads the rejection.
+        assert len(sleeps) <= 1
+    else:
+        assert sleeps == []
     assert list((tmp_path / "in").iterdir()) == []
 
 
