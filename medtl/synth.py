@@ -38,6 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
 from medtl.config import HospitalProfile, SynthConfig
+from medtl.ingest.sandbox import available_cpus
 
 logger = logging.getLogger("medtl.synth")
 
@@ -650,12 +651,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _n_workers(requested: int) -> int:
-    if requested > 0:
-        return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def write_cohort(cfg: SynthConfig, out_dir: Path) -> SynthSummary:
     """Write the synthetic cohort described by ``cfg`` into ``out_dir``.
 
@@ -684,7 +679,7 @@ def write_cohort(cfg: SynthConfig, out_dir: Path) -> SynthSummary:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
 
     write = functools.partial(_write_task, cfg, out_dir)
-    workers = min(_n_workers(cfg.workers), len(tasks))
+    workers = min(cfg.workers or available_cpus(), len(tasks))
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(write, tasks, chunksize=max(1, len(tasks) // (8 * workers))))

@@ -66,16 +66,17 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _annex_e
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from typing import TYPE_CHECKING
+from medtl.ingest.reader import effective_vr
 
 if TYPE_CHECKING:
     from medtl.config import DeidConfig
@@ -519,7 +520,7 @@ def _identifiers(ds: Dataset, options: DeidOptions) -> tuple[re.Pattern, ...]:
     """
     found: set[str] = set()
     for elem in _walk(ds):
-        vr = elem.VR if elem.VR not in (None, "UN") else _dictionary_vr(elem.tag)
+        vr = effective_vr(elem)
         if vr == "SQ" or elem.tag.is_private or not elem.value:
             continue
         if vr == "PN":
@@ -617,7 +618,7 @@ def _clean(ds: Dataset, ctx: _Context) -> Dataset:
             continue
         raw = ds.get_item(tag)
         # an element stored as UN (or implicitly) is judged by the VR the dictionary gives its tag
-        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+        vr = effective_vr(raw)
         action = action_for(tag, vr, ctx.options)
         if action == "X":
             continue
@@ -677,13 +678,6 @@ def _safe_private(ds: Dataset, tag: BaseTag, rules: frozenset[tuple[int, str, in
         return False
     creator = str(ds[creator_tag].value).strip()
     return (tag.group, creator, tag.element & 0xFF) in rules
-
-
-def _dictionary_vr(tag: BaseTag) -> str:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"
 
 
 __all__ = ["BASIC", "BURNED_IN_MODALITIES", "CID_7050", "COMBINED", "DEVELOPMENT_KEY", "DeidOptions", "TABLE",

@@ -164,8 +164,7 @@ def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame, input_dir: Path) 
     root = input_dir.resolve()
     plan = _Plan()
     for rel, path in files:
-        target = path.resolve()
-        if path.is_symlink() and not target.is_relative_to(root):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
             # Reading through it could pull in any file the process may read; it is accounted for, never followed.
             link_hash = hashlib.sha256(f"symlink:{os.readlink(path)}".encode()).hexdigest()
             if (rel, link_hash) in done:
@@ -239,37 +238,25 @@ def _place_dicom(result: FileResult, ws: Workspace) -> FileResult:
     return result
 
 
-@dataclass
-class _SeriesResult:
-    reason: str = ""
-    volume: Volume | None = None
-    array: np.ndarray | None = None
-
-
 def assemble_series(group: SeriesGroup, image_size: int,
-                    decoded: Mapping[Path, np.ndarray] | None = None) -> _SeriesResult:
-    """Assemble one series into its exact volume and its model-ready array; never raises.
+                    decoded: Mapping[Path, np.ndarray]) -> tuple[Volume, np.ndarray]:
+    """Assemble one series into its exact volume and its model-ready array.
 
     Args:
         group: slices of one series (headers without their datasets).
         image_size: side of the stored cubic array.
-        decoded: each file's stored pixels, decoded in the sandbox; files missing here are read and decoded.
+        decoded: each file's stored pixels, decoded in the sandbox.
 
     Returns:
-        The volume and the ``(1, S, S, S)`` array in [0, 1] (a 4D series contributes its first volume),
-        or the reason the series cannot be assembled.
+        The volume and its ``(1, S, S, S)`` float32 array in [0, 1] (a 4D series contributes its first volume).
+
+    Raises:
+        RejectedSeries, RejectedFile: why the series cannot be assembled.
     """
-    try:
-        volume = assemble(group, decoded)
-    except (RejectedSeries, RejectedFile) as exc:
-        return _SeriesResult(reason=str(exc))
+    volume = assemble(group, decoded)
     slope, intercept = volume.scaling
     values = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
-    try:
-        array = preprocess(values.astype(np.float64) * slope + intercept, image_size)
-    except RejectedFile as exc:
-        return _SeriesResult(reason=str(exc))
-    return _SeriesResult(volume=volume, array=array.astype(np.float32))
+    return volume, preprocess(values.astype(np.float64) * slope + intercept, image_size).astype(np.float32)
 
 
 def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Workspace,
@@ -293,14 +280,15 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
         members = [by_path[p] for p in group.files]
         decoded = {r.job.path: np.load(_staging(ws) / f"{r.job.content_hash}.pixels.npy", allow_pickle=False)
                    for r in members}
-        result = assemble_series(group, settings.image_size, decoded)
-        if result.reason:
+        try:
+            volume, array = assemble_series(group, settings.image_size, decoded)
+        except (RejectedSeries, RejectedFile) as exc:
             for path in group.files:
-                fate.setdefault(path, ("quarantined", f"{group.describe()}: {result.reason}", ""))
+                fate.setdefault(path, ("quarantined", f"{group.describe()}: {exc}", ""))
             continue
-        dropped = set(result.volume.dropped_files)
+        dropped = set(volume.dropped_files)
         kept = [r for r in members if r.job.path not in dropped]
-        manifest_rows.append(_store_volume(group, result, kept, ws))
+        manifest_rows.append(_store_volume(group, volume, array, kept, ws))
         for path in group.files:
             fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as a kept slice", "")
                             if path in dropped else ("ingested", "", manifest_rows[-1]["image"]))
@@ -315,18 +303,19 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
     checkpoint(ledger_rows, manifest_rows)
 
 
-def _store_volume(group: SeriesGroup, result: _SeriesResult, members: list[FileResult], ws: Workspace) -> dict:
+def _store_volume(group: SeriesGroup, volume: Volume, array: np.ndarray, members: list[FileResult],
+                  ws: Workspace) -> dict:
     record = dict(members[0].record)
     # The de-identified series UID names the outputs: SeriesDescription could carry identifying text.
     stem = record["series_uid"] + (f"_{group.part}" if group.part else "")
     nifti = Path("volumes") / f"{stem}.nii"
-    write_nifti(result.volume, ws.ingest / nifti)
+    write_nifti(volume, ws.ingest / nifti)
     image = Path("arrays") / f"{stem}.npy"
     buffer = io.BytesIO()
-    np.save(buffer, result.array)
+    np.save(buffer, array)
     _write_atomic(ws.ingest / image, buffer.getvalue())
     digest = hashlib.sha256("".join(sorted(r.job.content_hash for r in members)).encode()).hexdigest()
-    shape = result.volume.data.shape
+    shape = volume.data.shape
     record.update(image=image.as_posix(), volume=nifti.as_posix(), label=pd.NA, content_hash=digest,
                   sop_uid="", rows=int(shape[1]), columns=int(shape[0]))
     return record

@@ -204,16 +204,27 @@ def _check_nesting(ds: Dataset, depth: int) -> None:
 
 
 def _is_sequence(raw: object) -> bool:
-    if not isinstance(raw, RawDataElement):
-        return getattr(raw, "VR", None) == "SQ"
-    if raw.VR == "SQ" or (raw.length == 0xFFFFFFFF and raw.tag != 0x7FE00010):
-        return True
-    if raw.VR in (None, "UN"):  # implicit VR: the dictionary says what it is
-        try:
-            return dictionary_VR(raw.tag) == "SQ"
-        except KeyError:
-            return False
-    return False
+    if isinstance(raw, RawDataElement) and raw.length == 0xFFFFFFFF and raw.tag != 0x7FE00010:
+        return True  # undefined length: a sequence, whatever the VR says
+    return effective_vr(raw) == "SQ"
+
+
+def effective_vr(elem: object) -> str:
+    """An element's VR, from the data dictionary when the file does not say (implicit VR) or says ``UN``.
+
+    Args:
+        elem: a ``DataElement`` or ``RawDataElement``.
+
+    Returns:
+        The VR; ``"UN"`` for a tag the dictionary does not know (private tags in implicit VR files).
+    """
+    vr = getattr(elem, "VR", None)
+    if vr not in (None, "UN"):
+        return vr
+    try:
+        return dictionary_VR(elem.tag)
+    except KeyError:
+        return "UN"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +257,7 @@ def validate(ds: Dataset, spatial_dims: int, *, max_decoded_bytes: int = MAX_DEC
     missing = [f"{k} {_tag_text(k)}" for k in _IMAGE_PIXEL_TYPE1 if ds.get(k) in (None, "")]
     if missing:
         raise RejectedFile(f"missing required Image Pixel attribute(s): {', '.join(missing)}")
-    rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _n_frames(ds)
+    rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), n_frames(ds)
     samples, allocated = _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated")
     # what decode() holds at once: the decoded stored samples and their float64 grey values
     per_pixel = max(samples, 1) * math.ceil(min(max(allocated, 1), 64) / 8) + 8
@@ -400,7 +411,12 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     raise RejectedFile(f"invalid {keyword} {_tag_text(keyword)}: {value!r} is not an integer")
 
 
-def _n_frames(ds: Dataset) -> int:
+def n_frames(ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent).
+
+    Raises:
+        RejectedFile: naming an invalid value.
+    """
     if ds.get("NumberOfFrames") in (None, ""):
         return 1
     frames = _int(ds, "NumberOfFrames")
@@ -465,7 +481,7 @@ def decode(ds: Dataset) -> np.ndarray:
     except Exception as exc:  # decoder plugins raise their own types
         raise RejectedFile(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: "
                            f"{_one_line(exc)}") from exc
-    frames, samples = _n_frames(ds), _int(ds, "SamplesPerPixel", 1)
+    frames, samples = n_frames(ds), _int(ds, "SamplesPerPixel", 1)
     declared = ((frames,) if frames > 1 else ()) + (ds.Rows, ds.Columns) + ((samples,) if samples > 1 else ())
     if stored.shape != declared:
         raise RejectedFile(f"decoded pixel array shape {stored.shape} != declared {declared}")

@@ -32,12 +32,11 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from medtl.ingest.reader import RejectedFile
+from medtl.ingest.reader import RejectedFile, effective_vr
 
 with warnings.catch_warnings():
     # nibabel.nicom warns that its DICOM *readers* are experimental; only the CSA header parser is used here
@@ -352,7 +351,7 @@ def _strings(ds: Dataset, keyword: str) -> list[str]:
     if element is None:
         return []
     # implicit VR files leave the VR to the dictionary
-    vr = (element.VR or dictionary_VR(element.tag)) if isinstance(element, RawDataElement) else None
+    vr = effective_vr(element) if isinstance(element, RawDataElement) else None
     if vr in _TEXT_VRS and isinstance(element.value, bytes):
         values = element.value.decode("latin-1").split("\\")
     else:

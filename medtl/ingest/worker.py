@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medtl.ingest.deid import DeidOptions, burned_in_annotation_risk, deidentify, site_label
-from medtl.ingest.reader import RejectedFile, decode, preprocess, read_dataset, validate, voi_window
+from medtl.ingest.reader import RejectedFile, decode, n_frames, preprocess, read_dataset, validate, voi_window
 from medtl.ingest.volume import RejectedSeries, SliceHeader, decode_stored, read_slice_headers
 
 
@@ -83,11 +83,11 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
             validate(ds, 2, max_decoded_bytes=settings.max_decoded_bytes)
             array = _model_array(ds, settings)
         else:
-            validate(ds, 2 if _frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
+            validate(ds, 2 if n_frames(ds) == 1 else 3, max_decoded_bytes=settings.max_decoded_bytes)
             # pixels are decoded per series, once every slice of it is known
             # SeriesDescription is free text from before de-identification: it must not reach reasons or logs
             headers = [replace(h, dataset=None, series_description="") for h in read_slice_headers(job.path, ds)]
-            if _frames(ds) > 1 and not any(h.has_geometry for h in headers):
+            if n_frames(ds) > 1 and not any(h.has_geometry for h in headers):
                 headers = []  # a multi-frame file without patient geometry: its frames are the slices, no NIfTI
                 array = _model_array(ds, settings)
             else:
@@ -155,13 +155,6 @@ def dicomdir_reason(ds: Dataset) -> str:
 def _model_array(ds: Dataset, settings: WorkerSettings) -> np.ndarray:
     voi = voi_window(ds) if settings.windowing == "dicom" else None
     return preprocess(decode(ds), settings.image_size, voi=voi).astype(np.float32)
-
-
-def _frames(ds: Dataset) -> int:
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return 1
 
 
 def _pixel_spacing(ds: Dataset) -> float:
