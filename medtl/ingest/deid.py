@@ -59,6 +59,7 @@ so input file and folder names must not identify patients.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import os
@@ -69,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _annex_e
+from pydicom.charset import default_encoding
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -437,6 +439,9 @@ def action_for(tag: BaseTag, vr: str, options: DeidOptions = BASIC) -> str:
     return "K"
 
 
+_action = functools.lru_cache(maxsize=8192)(action_for)  # the same few hundred (tag, VR) pairs in every file
+
+
 def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25", *, options: DeidOptions = BASIC) -> Dataset:
     """Return a de-identified copy of ``ds``; the input is not modified.
 
@@ -605,29 +610,33 @@ def _parse_date(text: str) -> dt.date | None:
 
 
 def _clean(ds: Dataset, ctx: _Context) -> Dataset:
-    out = Dataset()
-    # kept elements are copied still encoded: with the same encoding the writer emits their bytes
-    # as they are, which makes de-identification and re-encoding several times faster
-    implicit, little = ds.original_encoding
-    if little is not None:
-        out.set_original_encoding(implicit, little, ds.original_character_set)
-    for tag in ds.keys():
-        if tag.is_private:
+    # Kept elements are copied still encoded, straight into the new dataset's dict (Dataset.__setitem__ costs
+    # more than the rest of the work on them): with the same encoding the writer emits their bytes as they are.
+    kept: dict[BaseTag, object] = {}
+    changed: list[DataElement] = []
+    for tag, raw in ds.items():
+        if tag.group & 1:  # private
             if _safe_private(ds, tag, ctx.options.private_safe_list):
-                out[tag] = ds.get_item(tag)
+                kept[tag] = raw
             continue
-        raw = ds.get_item(tag)
         # an element stored as UN (or implicitly) is judged by the VR the dictionary gives its tag
         vr = effective_vr(raw)
-        action = action_for(tag, vr, ctx.options)
+        action = _action(tag, vr, ctx.options)
         if action == "X":
             continue
         if action == "K" and vr != "SQ":
-            out[tag] = raw
+            kept[tag] = raw
             continue
         elem = _apply(ds[tag], action, ctx)
         if elem is not None:
-            out[tag] = elem
+            changed.append(elem)
+    # an item inherits its character set: telling it so keeps its elements raw for the writer, not re-encoded
+    out = Dataset(kept, parent_encoding=ds.original_character_set or default_encoding)
+    implicit, little = ds.original_encoding
+    if little is not None:
+        out.set_original_encoding(implicit, little, ds.original_character_set)
+    for elem in changed:  # through __setitem__, which links sequences and private creators to their dataset
+        out[elem.tag] = elem
     return out
 
 

@@ -160,23 +160,23 @@ def _check_complete(ds: Dataset, data: bytes, parser_warnings: list[str]) -> Non
     for message in parser_warnings:
         if "End of file" in message:
             raise RejectedFile(f"truncated: {message.split(' in file ')[0]}")
-    elements = list(ds.elements())
-    last = elements[-1] if elements else None
-    if (isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF
-            and _file_meta(ds).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian):
+    if len(ds) == 0:
+        raise RejectedFile("no data elements: the dataset after the file meta is empty")
+    # The parser reads elements in file order and stops at the end of the file, so only the last one read can be
+    # cut short (a cut inside a sequence leaves that whole top-level sequence short).
+    last = ds.get_item(next(reversed(ds.keys())))
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return
+    if isinstance(last.value, bytes) and len(last.value) < last.length:
+        if last.tag == 0x7FE00010:
+            return  # validate() states the pixel shortfall in pixels
+        raise RejectedFile(f"truncated: the file ends inside {_name(last.tag)}, which declares "
+                           f"{last.length} bytes ({len(last.value)} present)")
+    if _file_meta(ds).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         rest = data[last.value_tell + last.length:]
         if 0 < len(rest) < 12 and any(rest):  # zero bytes are padding; a cut header has a tag
             raise RejectedFile(f"truncated: the file ends inside the header of the element after "
                                f"{_name(last.tag)} ({len(rest)} bytes of it present)")
-    for elem in elements:
-        if (isinstance(elem, RawDataElement) and isinstance(elem.value, bytes)
-                and elem.length != 0xFFFFFFFF and len(elem.value) < elem.length):
-            if elem.tag == 0x7FE00010:
-                return  # validate() states the pixel shortfall in pixels
-            raise RejectedFile(f"truncated: the file ends inside {_name(elem.tag)}, which declares "
-                               f"{elem.length} bytes ({len(elem.value)} present)")
-    if len(ds) == 0:
-        raise RejectedFile("no data elements: the dataset after the file meta is empty")
 
 
 def _check_nesting(ds: Dataset, depth: int) -> None:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from medtl.ingest.deid import DeidOptions, burned_in_annotation_risk, deidentify, site_label
 from medtl.ingest.reader import RejectedFile, decode, n_frames, preprocess, read_dataset, validate, voi_window
 from medtl.ingest.volume import RejectedSeries, SliceHeader, decode_stored, read_slice_headers
+from medtl.ingest.writer import write_dicom
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
         if pixels is not None:
             np.save(f"{stem}.pixels.npy", pixels, allow_pickle=False)
         if settings.keep_dicom:
-            pydicom.dcmwrite(f"{stem}.dcm", clean, enforce_file_format=True)
+            write_dicom(f"{stem}.dcm", clean)
         return FileResult(job, record=record, headers=headers)
     except RejectedFile as exc:
         return FileResult(job, reason=str(exc))
