@@ -10,10 +10,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage,
+                         generate_uid)
 
-from medtl.ingest.volume import (RejectedSeries, _int, assemble, group_series, is_volume_series, read_slice_headers,
+from medtl.ingest.volume import (HEADER_TAGS, RejectedSeries, _int, _lean_header, _native_pixels, assemble,
+                                 decode_stored, group_series, is_volume_series, read_header, read_slice_headers,
                                  series_to_nifti, write_nifti)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -278,3 +282,188 @@ def test_dcm_qa_nih_matches_dcm2niix_exactly(tmp_path: Path) -> None:
         assert mine.header["dim_info"] == ref.header["dim_info"]
         assert outcome.findings == ()
     assert not references, f"series without output: {sorted(references)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the lean header reader and the native pixel path must give exactly what pydicom gives
+
+PYDICOM_FILES = sorted({Path(f).resolve() for f in get_testdata_files() if Path(f).is_file()})
+
+
+def dcmread_header(path: Path):
+    """What ``read_slice_headers`` read before the lean reader (``None`` where pydicom refuses the file)."""
+    try:
+        return pydicom.dcmread(path, defer_size=1024, specific_tags=list(HEADER_TAGS))
+    except Exception:
+        return None
+
+
+def outcome(get):
+    try:
+        return get()
+    except Exception as exc:
+        return ("raised", type(exc).__name__, str(exc))
+
+
+def slices(path: Path, ds):
+    return outcome(lambda: read_slice_headers(path, ds))
+
+
+def assert_same_header(lean, ref, path: Path) -> None:
+    """Same file meta, same raw elements (VR, length, value or deferral, value_tell), same values, same slices."""
+    assert type(lean) is type(ref) and lean.filename == ref.filename and lean.preamble == ref.preamble
+    assert lean.original_encoding == ref.original_encoding
+    assert lean.original_character_set == ref.original_character_set
+    assert sorted(lean.file_meta.keys()) == sorted(ref.file_meta.keys())
+    for tag in ref.file_meta.keys():
+        assert lean.file_meta[tag] == ref.file_meta[tag], (path.name, tag)
+    assert sorted(lean.keys()) == sorted(ref.keys()), path.name
+    for tag in ref.keys():
+        assert lean.get_item(tag, keep_deferred=True) == ref.get_item(tag, keep_deferred=True), (path.name, tag)
+        a, b = outcome(lambda: lean[tag].value), outcome(lambda: ref[tag].value)
+        assert a == b, (path.name, tag)
+    assert slices(path, lean) == slices(path, ref), path.name
+
+
+def assert_pixels_equal(fast: np.ndarray, reference: np.ndarray) -> None:
+    assert fast.dtype == reference.dtype and fast.shape == reference.shape
+    np.testing.assert_array_equal(fast, reference)
+    assert fast.flags.writeable
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lean_header_equals_dcmread_on_every_pydicom_test_file() -> None:
+    lean_syntaxes, fallbacks = set(), []
+    for path in PYDICOM_FILES:
+        ref, lean = dcmread_header(path), _lean_header(path)
+        if ref is None:
+            assert lean is None, f"{path.name}: the lean reader reads a file pydicom refuses"
+            assert outcome(lambda: read_header(path))[1] == "RejectedFile"
+            continue
+        if lean is None:
+            fallbacks.append(path.name)
+            assert slices(path, read_header(path)) == slices(path, ref)
+            continue
+        assert_same_header(lean, ref, path)
+        lean_syntaxes.add(ref.file_meta.TransferSyntaxUID)
+    # not vacuous: both VR encodings, native and encapsulated, are read by the lean reader
+    assert {ExplicitVRLittleEndian, ImplicitVRLittleEndian} <= lean_syntaxes
+    assert any(uid.is_encapsulated for uid in lean_syntaxes)
+    assert "MR_small_bigendian.dcm" in fallbacks and "image_dfl.dcm" in fallbacks  # big endian, deflate
+    assert len(fallbacks) < 40, fallbacks
+
+
+@pytest.mark.skipif(not QA.is_dir(), reason=f"{QA} is absent (the shared dcm_qa_nih data set)")
+@pytest.mark.filterwarnings("ignore")
+def test_lean_header_and_native_pixels_equal_pydicom_on_dcm_qa_nih() -> None:
+    files = sorted(p for p in (QA / "In").rglob("*") if p.is_file())
+    dicom = [p for p in files if not p.name.startswith("README")]
+    assert len(dicom) == 608
+    for path in files:
+        ref, lean = dcmread_header(path), _lean_header(path)
+        if path.name.startswith("README"):
+            assert ref is None and lean is None
+            continue
+        assert lean is not None, f"{path}: every GE and Siemens file here is in a common encoding"
+        assert_same_header(lean, ref, path)
+        fast = _native_pixels(lean)  # PixelData deferred: read from the file on access
+        assert fast is not None, f"{path}: native 16-bit grayscale"
+        assert_pixels_equal(fast, pydicom.dcmread(path).pixel_array)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_native_pixels_equal_pixel_array_on_every_file_they_accept() -> None:
+    accepted = 0
+    for path in PYDICOM_FILES:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:
+            continue
+        for source in (ds, _lean_header(path)):
+            fast = _native_pixels(source) if source is not None else None
+            if fast is not None:
+                accepted += 1
+                assert_pixels_equal(fast, ds.pixel_array)
+        if "PixelData" in ds and ds.file_meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian,
+                                                                               ImplicitVRLittleEndian):
+            assert _native_pixels(ds) is None, f"{path.name}: compressed or big endian data taken as native"
+    assert accepted > 100
+
+
+@pytest.mark.parametrize("signed, expected", [(0, [[4095, 1, 2048]]), (1, [[-1, 1, -2048]])])
+def test_native_pixels_drop_the_bits_above_bits_stored_as_pydicom_does(tmp_path: Path, signed, expected) -> None:
+    # 12 bits stored in 16 with junk in the top 4 bits (0xF001): cleared when unsigned, the sign of bit 11
+    # extended when signed (0x0FFF is -1, 0x0800 is -2048 in 12-bit two's complement)
+    stored = np.array([[0x0FFF, 0xF001, 0x0800]], dtype=np.uint16).view(np.int16)
+    path = write_slice(tmp_path / "b.dcm", (0.0, 0.0, 0.0), stored, series_uid="1.1", instance=1,
+                       BitsStored=12, HighBit=11, PixelRepresentation=signed)
+    ds = read_header(path)
+    reference = pydicom.dcmread(path).pixel_array
+    assert_pixels_equal(_native_pixels(ds), reference)
+    np.testing.assert_array_equal(reference, expected)
+    assert_pixels_equal(decode_stored(ds), reference)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_truncated_and_big_endian_files_take_the_dcmread_path(tmp_path: Path) -> None:
+    whole = write_slice(tmp_path / "whole.dcm", (0.0, 0.0, 0.0), np.zeros((40, 40), np.int16), series_uid="2.2",
+                        instance=1)
+    data = whole.read_bytes()
+    short_pixels = tmp_path / "short_pixels.dcm"
+    short_pixels.write_bytes(data[:-3])
+    short_header = tmp_path / "short_header.dcm"
+    short_header.write_bytes(data[:400])
+    lean = _lean_header(whole)
+    assert lean.get_item("PixelData", keep_deferred=True).value is None  # 3200 bytes: deferred, as by dcmread
+    assert_same_header(lean, dcmread_header(whole), whole)
+    for path in (short_pixels, short_header):
+        assert _lean_header(path) is None
+        assert slices(path, outcome(lambda: read_header(path))) == slices(path, dcmread_header(path))
+    with pytest.raises(RejectedSeries, match="cannot decode the pixel data"):
+        decode_stored(read_header(short_pixels), "short_pixels.dcm")
+
+    big_endian = Path(get_testdata_file("MR_small_bigendian.dcm"))
+    assert _lean_header(big_endian) is None
+    ds = read_header(big_endian)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian and ds.original_encoding == (False, False)
+    assert read_slice_headers(big_endian) == read_slice_headers(big_endian, dcmread_header(big_endian))
+    assert _native_pixels(ds) is None
+    assert_pixels_equal(decode_stored(ds), pydicom.dcmread(big_endian).pixel_array)
+
+
+def nested_sequence(depth: int) -> Sequence:
+    """A sequence of one undefined-length item holding a number and, below ``depth``, another such sequence."""
+    item = Dataset()
+    item.is_undefined_length_sequence_item = True
+    item.ReferencedSOPInstanceUID = f"1.2.{depth}"
+    if depth:
+        item.ReferencedImageSequence = nested_sequence(depth - 1)
+        item["ReferencedImageSequence"].is_undefined_length = True
+    return Sequence([item])
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_lean_header_reads_nested_undefined_length_sequences(tmp_path: Path, syntax) -> None:
+    path = write_slice(tmp_path / "seq.dcm", (1.0, 2.0, 3.0), pattern(0), series_uid="3.3", instance=1, syntax=syntax,
+                       ReferencedImageSequence=nested_sequence(3), SeriesDescription="after the sequences")
+    ds = pydicom.dcmread(path)
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    # a private sequence (implicit VR: no VR, recognised by its first item)
+    ds.private_block(0x0019, "MEDTL TEST", create=True).add_new(0x10, "SQ", nested_sequence(2))
+    ds[0x00191010].is_undefined_length = True
+    ds.save_as(path)
+    assert b"\xfe\xff\xdd\xe0" in path.read_bytes()  # sequence delimiters: undefined lengths were written
+    lean = _lean_header(path)
+    assert lean is not None
+    assert_same_header(lean, dcmread_header(path), path)
+    assert lean.SeriesDescription == "after the sequences"
+
+    # an undefined-length sequence that is itself a header tag is parsed as dcmread parses it
+    ds.SharedFunctionalGroupsSequence = nested_sequence(0)
+    ds["SharedFunctionalGroupsSequence"].is_undefined_length = True
+    ds.save_as(path)
+    lean = _lean_header(path)
+    assert lean is not None
+    assert_same_header(lean, dcmread_header(path), path)
+    assert lean.get_item("SharedFunctionalGroupsSequence").is_undefined_length
+    assert read_header(path).SharedFunctionalGroupsSequence[0].ReferencedSOPInstanceUID == "1.2.0"

@@ -40,6 +40,8 @@ from pydicom.tag import Tag
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, MediaStorageDirectoryStorage)
 
+from medtl.ingest import fastparse
+
 MIN_SIDE, MAX_SIDE = 8, 16384
 WINDOW_PERCENTILES = (0.5, 99.5)
 # Budget on the decoded pixels: stored samples plus the float64 grey copy (ingest.max_decoded_mib).
@@ -114,6 +116,10 @@ def read_dataset(path: Path, *, max_bytes: int = MAX_DECODED_BYTES) -> Dataset:
 
 
 def _parse(data: bytes) -> Dataset:
+    """``dcmread(BytesIO(data))``, by :func:`fastparse.parse` where it can (the same dataset, faster)."""
+    ds = fastparse.parse(data)
+    if ds is not None:
+        return ds
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
@@ -186,8 +192,9 @@ def _check_nesting(ds: Dataset, depth: int) -> None:
     times faster than converting and re-encoding them, and any element it does convert names itself in the
     reason if its value is corrupt.
     """
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+    for tag, raw in list(ds.items()):
+        if type(raw) is RawDataElement and raw.VR not in (None, "UN", "SQ") and raw.length != 0xFFFFFFFF:
+            continue  # the common case, decided without a dictionary look-up
         if not _is_sequence(raw):
             continue
         try:

@@ -35,6 +35,7 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 _LOOKAHEAD = 32  # inputs queued per worker: a slow input at the head of the line must not leave workers idle
+_BATCH = 4  # inputs per submission at most
 
 
 def available_cpus() -> int:
@@ -85,7 +86,8 @@ def sandboxed_map(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int = 1, 
         jobs: picklable inputs.
         workers: worker processes (>= 1).
         memory_mb: address-space limit of each worker, in MiB.
-        timeout_s: seconds one job may take once it is running.
+        timeout_s: seconds one job may take. Jobs travel in small batches; a batch that takes longer is
+            re-run one job at a time, so only a job that alone exceeds the limit fails.
         on_failure: ``on_failure(job, reason)`` builds the result of a job whose worker died, hung or
             raised; ``reason`` says which, in words meant for the ledger.
 
@@ -117,50 +119,75 @@ def sandboxed_map(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int = 1, 
 
 def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: int, timeout_s: float,
               on_failure: Callable[[J, str], R], suspects: deque[J], *, isolated: bool) -> Iterator[R]:
-    """Drain ``queue`` through one pool; on a crash, move the in-flight jobs to ``suspects`` and return."""
+    """Drain ``queue`` through one pool; on a crash or a hang, move the jobs in doubt to ``suspects`` and return."""
     module = getattr(getattr(fn, "func", fn), "__module__", None) or "builtins"
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(module),
                                initializer=_limit_address_space, initargs=(memory_mb,))
-    inflight: deque[tuple[J, Future]] = deque()
+    inflight: deque[tuple[tuple[J, ...], Future]] = deque()
+    queued = 0  # jobs in flight
     try:
         _start_workers(pool, workers, module, memory_mb)
         while queue or inflight:
-            while queue and len(inflight) < _LOOKAHEAD * workers:
-                job = queue.popleft()
+            while queue and queued < _LOOKAHEAD * workers:
+                # a few jobs per submission spare the pool's threads and pipes most of their per-job work; the
+                # last ones go one by one so that no worker idles while another still holds a batch
+                size = max(1, min(_BATCH, len(queue) // (2 * workers)))
+                batch = tuple(queue.popleft() for _ in range(size))
                 with _main_module_hidden():  # submit starts the workers it needs
-                    inflight.append((job, pool.submit(fn, job)))
-            job, future = inflight[0]
+                    inflight.append((batch, pool.submit(_run_batch, fn, batch)))
+                queued += size
+            batch, future = inflight[0]
             try:
-                result = future.result(timeout=timeout_s)
+                outcomes = future.result(timeout=timeout_s)
             except FutureTimeout:
                 inflight.popleft()
                 _kill_workers(pool)
-                yield on_failure(job, f"timed out: parsing took longer than {timeout_s:g} s "
-                                      "(raise ingest.file_timeout_s if the file is legitimately large)")
-                queue.extendleft(reversed([j for j, _ in inflight]))  # innocent: run them again normally
+                if len(batch) == 1:
+                    yield on_failure(batch[0], f"timed out: parsing took longer than {timeout_s:g} s "
+                                               "(raise ingest.file_timeout_s if the file is legitimately large)")
+                else:
+                    suspects.extend(batch)  # one of them hangs, or together they ran long: each alone decides
+                queue.extendleft(reversed([j for b, _ in inflight for j in b]))  # innocent: run them again normally
                 return
             except BrokenProcessPool:
                 if isolated:
+                    yield on_failure(batch[0], "the worker process died while parsing this file (out of memory "
+                                               f"beyond ingest.worker_memory_mb={memory_mb}, or a crash in a decoder)")
                     inflight.popleft()
-                    yield on_failure(job, "the worker process died while parsing this file (out of memory "
-                                          f"beyond ingest.worker_memory_mb={memory_mb}, or a crash in a decoder)")
                 else:
-                    suspects.extend(j for j, _ in inflight)
+                    suspects.extend(j for b, _ in inflight for j in b)
                 return
-            except MemoryError:
-                inflight.popleft()
-                yield on_failure(job, f"out of memory: needs more than ingest.worker_memory_mb={memory_mb} MiB")
-                continue
-            except Exception as exc:  # fn's own escape hatch: keep the evidence, go on with the rest
-                inflight.popleft()
-                yield on_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
-                continue
+            except Exception as exc:  # a result that cannot travel back: keep the evidence, go on with the rest
+                outcomes = [(_ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
             inflight.popleft()
-            yield result
+            queued -= len(batch)
+            for job, (status, value) in zip(batch, outcomes):
+                if status == _DONE:
+                    yield value
+                elif status == _OUT_OF_MEMORY:
+                    yield on_failure(job, f"out of memory: needs more than ingest.worker_memory_mb={memory_mb} MiB")
+                else:
+                    yield on_failure(job, f"unexpected error: {value}")
     finally:
         if inflight:
             _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_DONE, _OUT_OF_MEMORY, _ERROR = "done", "out of memory", "error"
+
+
+def _run_batch(fn: Callable[[J], R], jobs: tuple[J, ...]) -> list[tuple[str, object]]:
+    """In a worker: ``fn`` over a few jobs; an exception escaping ``fn`` fails its own job only."""
+    outcomes: list[tuple[str, object]] = []
+    for job in jobs:
+        try:
+            outcomes.append((_DONE, fn(job)))
+        except MemoryError:
+            outcomes.append((_OUT_OF_MEMORY, None))
+        except Exception as exc:  # fn's own escape hatch: the reason travels back as text (exceptions may not pickle)
+            outcomes.append((_ERROR, f"{type(exc).__name__}: {exc}"))
+    return outcomes
 
 
 def _worker_context(module: str) -> multiprocessing.context.BaseContext:

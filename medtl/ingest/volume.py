@@ -15,13 +15,19 @@ voxel against its output on dcm_qa_nih: data axes ``(column, row reversed, slice
 normal[, volume])``, sform = qform (code 1, scanner) in RAS, the stored integers kept with
 ``scl_slope``/``scl_inter`` taken from RescaleSlope/RescaleIntercept, unsigned 16-bit data that fits
 stored as ``int16``.
+
+Headers are read by :mod:`medtl.ingest.fastparse`, which gives exactly what
+``pydicom.dcmread(..., specific_tags=HEADER_TAGS)`` gives, in a fraction of the time, and leaves every file it
+does not fully understand to ``dcmread`` (:func:`read_header`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import sys
 import uuid
 import warnings
 from collections import defaultdict
@@ -33,9 +39,12 @@ from typing import Literal
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medtl.ingest import fastparse
 from medtl.ingest.reader import RejectedFile, effective_vr
 
 with warnings.catch_warnings():
@@ -137,7 +146,7 @@ class SliceHeader:
     def has_geometry(self) -> bool:
         return self.position is not None and self.orientation is not None and self.pixel_spacing is not None
 
-    @property
+    @functools.cached_property  # asked for once per slice and per comparison while grouping and sorting
     def normal(self) -> np.ndarray:
         """Unit slice normal ``row cosines × column cosines`` (LPS)."""
         row, col = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
@@ -231,12 +240,67 @@ class SeriesOutcome:
 # reading headers
 
 
+def read_header(path: Path) -> Dataset:
+    """The :data:`HEADER_TAGS` of a DICOM file, as ``dcmread(path, defer_size=1024, specific_tags=HEADER_TAGS)``.
+
+    pydicom's generic parser walks every element of a file in Python, several microseconds each; GE MR
+    files carry ~340 top-level elements, mostly private, of which a volume needs ~40. Files are therefore
+    parsed by :func:`medtl.ingest.fastparse.parse` (the same dataset, faster), and every file it leaves
+    aside by ``dcmread``, so that odd files are read, or refused, as before.
+
+    Args:
+        path: a DICOM file (Part 10: preamble and ``DICM`` prefix).
+
+    Returns:
+        The dataset: the elements of ``HEADER_TAGS`` present in the file and SpecificCharacterSet,
+        values over 1024 bytes (PixelData) read from the file on first access.
+
+    Raises:
+        RejectedFile: when the file cannot be read or parsed.
+    """
+    try:
+        ds = _lean_header(path)
+    except OSError:  # dcmread meets it too, and words it as before
+        ds = None
+    if ds is not None:
+        return ds
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER_SIZE, specific_tags=list(HEADER_TAGS))
+    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
+        raise RejectedFile(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
+
+
+_DEFER_SIZE = 1024  # dcmread's defer_size: longer values are read from the file on first access
+_LEAN_MAX_BYTES = 64 * 1024**2  # larger files (big multi-frames) are streamed by dcmread, not read whole
+_WANTED = frozenset(int(Tag(t)) for t in HEADER_TAGS)
+
+
+def _lean_header(path: Path) -> FileDataset | None:
+    """``dcmread(path, defer_size=1024, specific_tags=HEADER_TAGS)`` by :func:`fastparse.parse`, or ``None``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The dataset, or ``None`` for a file over 64 MiB or one that ``fastparse`` leaves to ``dcmread``.
+
+    Raises:
+        OSError: when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > _LEAN_MAX_BYTES:
+            return None
+        data = f.read()
+    return fastparse.parse(data, specific_tags=_WANTED, defer_size=_DEFER_SIZE, path=str(path))
+
+
 def read_slice_headers(path: Path, ds: Dataset | None = None) -> list[SliceHeader]:
     """Parse one file's header into its slices (one per file, per enhanced frame or per mosaic tile).
 
     Args:
         path: a DICOM file.
-        ds: the file already parsed (by ingestion's reader), to skip parsing it again.
+        ds: the file already parsed (by ingestion's reader), to skip parsing it again; without it the
+            header is read with :func:`read_header`.
 
     Returns:
         One :class:`SliceHeader` per slice; a file without position/orientation (a radiograph, a
@@ -247,26 +311,24 @@ def read_slice_headers(path: Path, ds: Dataset | None = None) -> list[SliceHeade
         RejectedFile: when the file cannot be parsed or an attribute it has is malformed (the
             message names the attribute).
     """
+    path = path if isinstance(path, Path) else Path(path)
     if ds is None:
-        try:
-            ds = pydicom.dcmread(path, defer_size=1024, specific_tags=list(HEADER_TAGS))
-        except Exception as exc:  # pydicom raises many types on corrupt input; all mean "unreadable"
-            raise RejectedFile(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
-    if "Rows" not in ds or "Columns" not in ds or "PixelData" not in ds:
+        ds = read_header(path)
+    if not all(_tag(keyword) in ds for keyword in ("Rows", "Columns", "PixelData")):
         raise RejectedFile("not an image: Rows (0028,0010), Columns (0028,0011) or PixelData (7FE0,0010) missing")
     common = dict(
-        path=Path(path), study_uid="".join(_strings(ds, "StudyInstanceUID")),
+        path=path, study_uid="".join(_strings(ds, "StudyInstanceUID")),
         series_uid="".join(_strings(ds, "SeriesInstanceUID")),
-        series_number=_int(ds, "SeriesNumber"), series_description=str(ds.get("SeriesDescription", "") or ""),
+        series_number=_int(ds, "SeriesNumber"), series_description=str(_value(ds, "SeriesDescription", "") or ""),
         image_type=tuple(v.upper() for v in _strings(ds, "ImageType")),
         instance_number=_int(ds, "InstanceNumber"), acquisition_number=_int(ds, "AcquisitionNumber"),
         repetition_time_ms=_float(ds, "RepetitionTime"),
-        phase_direction=str(ds.get("InPlanePhaseEncodingDirection", "") or "").upper(), dataset=ds)
-    if "PerFrameFunctionalGroupsSequence" in ds:
+        phase_direction=str(_value(ds, "InPlanePhaseEncodingDirection", "") or "").upper(), dataset=ds)
+    if _tag("PerFrameFunctionalGroupsSequence") in ds:
         return _enhanced_headers(ds, common)
     header = SliceHeader(
         frame=None, position=_vector(ds, "ImagePositionPatient", 3), orientation=_orientation(ds),
-        pixel_spacing=_spacing(ds), rows=int(ds.Rows), columns=int(ds.Columns),
+        pixel_spacing=_spacing(ds), rows=int(_value(ds, "Rows")), columns=int(_value(ds, "Columns")),
         echo_number=_int(ds, "EchoNumbers"), echo_time=_float(ds, "EchoTime"), b_value=_float(ds, "DiffusionBValue"),
         temporal_position=_int(ds, "TemporalPositionIdentifier"), rescale=_rescale(ds), **common)
     if "MOSAIC" in header.image_type:
@@ -341,13 +403,25 @@ def _replace(header: SliceHeader, **changes) -> SliceHeader:
     return SliceHeader(**{**{f: getattr(header, f) for f in header.__dataclass_fields__}, **changes})
 
 
+@functools.cache
+def _tag(keyword: str) -> BaseTag:
+    """The tag of a keyword, looked up once: pydicom's ``Tag(keyword)`` first tries to parse it as hex."""
+    return Tag(keyword)
+
+
+def _value(ds: Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword, default)``, by tag."""
+    tag = _tag(keyword)
+    return ds[tag].value if tag in ds else default
+
+
 def _strings(ds: Dataset, keyword: str) -> list[str]:
     """The values of an ASCII element (IS, DS, CS, UI, or a binary number) as strings.
 
     Numeric and code strings are ASCII by definition (PS3.5 6.2), so they are split from the raw
     bytes: pydicom's conversion to DSfloat/IS objects was a third of the time spent on a header.
     """
-    element = ds.get_item(keyword)
+    element = ds.get_item(_tag(keyword))
     if element is None:
         return []
     # implicit VR files leave the VR to the dictionary
@@ -355,7 +429,7 @@ def _strings(ds: Dataset, keyword: str) -> list[str]:
     if vr in _TEXT_VRS and isinstance(element.value, bytes):
         values = element.value.decode("latin-1").split("\\")
     else:
-        value = ds[keyword].value  # converted by pydicom (binary VRs, or already converted)
+        value = ds[_tag(keyword)].value  # converted by pydicom (binary VRs, or already converted)
         values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     values = ["" if v is None else str(v).strip(" \x00") for v in values]
     return [] if values == [""] else values
@@ -680,24 +754,77 @@ def decode_stored(ds: Dataset, name: str = "the file", where: str = "series") ->
         where: how the reason names the series.
 
     Returns:
-        ``ds.pixel_array`` (stored values: the rescale is applied through the NIfTI scaling).
+        ``ds.pixel_array`` (stored values: the rescale is applied through the NIfTI scaling), taken
+        straight from the bytes for uncompressed grayscale data (:func:`_native_pixels`).
 
     Raises:
         RejectedSeries: colour data, undecodable data, or a shape the header does not declare.
     """
-    samples = ds.get("SamplesPerPixel", 1)
+    samples = _value(ds, "SamplesPerPixel", 1)
     if samples != 1:
         raise RejectedSeries(f"{where}: {name} has SamplesPerPixel={samples}; only grayscale volumes are supported")
     try:
-        array = ds.pixel_array
+        array = _native_pixels(ds)
+        if array is None:
+            array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise their own types
         raise RejectedSeries(f"{where}: cannot decode the pixel data of {name}: "
                              f"{type(exc).__name__}: {exc}") from exc
     frames = _int(ds, "NumberOfFrames") or 1
-    expected = (ds.Rows, ds.Columns) if frames == 1 else (frames, ds.Rows, ds.Columns)
+    rows, columns = _value(ds, "Rows"), _value(ds, "Columns")
+    expected = (rows, columns) if frames == 1 else (frames, rows, columns)
     if array.shape != expected:
         raise RejectedSeries(f"{where}: decoded pixel array of {name} has shape {array.shape}, "
                              f"the header declares {expected}")
+    return array
+
+
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """``ds.pixel_array`` of uncompressed little-endian grayscale integers, straight from the bytes; else ``None``.
+
+    For such data ``pixel_array`` is a reshaped copy of PixelData, yet pydicom's decoder set-up (pixel
+    ids, runner, validation) costs more than the copy on small MR slices. Only files whose Image Pixel
+    attributes pydicom would accept, and whose PixelData holds exactly the pixels they declare, are
+    read here; everything else (and every odd case) is left to ``pixel_array``.
+
+    Args:
+        ds: a dataset with its file meta (the transfer syntax).
+
+    Returns:
+        ``(rows, columns)`` or ``(frames, rows, columns)`` stored values, writeable, equal to
+        ``ds.pixel_array`` (dtype included); ``None`` when this fast path does not apply.
+    """
+    if sys.byteorder != "little" or _tag("PixelData") not in ds:  # pydicom returns native byte order
+        return None
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None or _value(file_meta, "TransferSyntaxUID") not in _NATIVE_SYNTAXES:
+        return None
+    rows, columns = _value(ds, "Rows"), _value(ds, "Columns")
+    allocated, stored, signed = _value(ds, "BitsAllocated"), _value(ds, "BitsStored"), _value(ds, "PixelRepresentation")
+    frames, samples = _value(ds, "NumberOfFrames", 1), _value(ds, "SamplesPerPixel")
+    if (not all(isinstance(v, int) for v in (rows, columns, allocated, stored, signed, frames, samples))
+            or samples != 1 or _value(ds, "PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
+            or allocated not in (8, 16, 32) or not 1 <= stored <= allocated or signed not in (0, 1)
+            or not (0 < rows < 2**16 and 0 < columns < 2**16 and frames >= 1)):
+        return None
+    pixel_bytes = _value(ds, "PixelData")
+    count = frames * rows * columns
+    size = count * allocated // 8
+    # a trailing pad byte makes odd-length 8-bit data even (PS3.5 8.1.1); pydicom ignores it
+    if not isinstance(pixel_bytes, bytes) or len(pixel_bytes) not in (size, size + size % 2):
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    array = np.frombuffer(pixel_bytes, dtype=dtype, count=count).reshape(
+        (rows, columns) if frames == 1 else (frames, rows, columns)).copy()
+    if stored < allocated:
+        # as pydicom (correct_unused_bits): the bits above BitsStored are not part of the value, so they are
+        # cleared (unsigned) or filled with the sign bit (signed, arithmetic shift)
+        shift = allocated - stored
+        np.left_shift(array, shift, out=array)
+        np.right_shift(array, shift, out=array)
     return array
 
 
@@ -793,11 +920,11 @@ def series_to_nifti(paths: Iterable[Path], out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[SeriesOutcome] = []
     headers: list[SliceHeader] = []
-    for path in paths:
+    for path in map(Path, paths):
         try:
-            headers += read_slice_headers(Path(path))
+            headers += read_slice_headers(path)
         except RejectedFile as exc:
-            outcomes.append(SeriesOutcome("unreadable", (Path(path),), reason=str(exc)))
+            outcomes.append(SeriesOutcome("unreadable", (path,), reason=str(exc)))
     used: set[str] = set()
     for group in group_series(headers):
         if not is_volume_series(group):
