@@ -124,18 +124,16 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(module),
                                initializer=_limit_address_space, initargs=(memory_mb,))
     inflight: deque[tuple[tuple[J, ...], Future]] = deque()
-    queued = 0  # jobs in flight
     try:
         _start_workers(pool, workers, module, memory_mb)
         while queue or inflight:
-            while queue and queued < _LOOKAHEAD * workers:
+            while queue and sum(len(b) for b, _ in inflight) < _LOOKAHEAD * workers:
                 # a few jobs per submission spare the pool's threads and pipes most of their per-job work; the
                 # last ones go one by one so that no worker idles while another still holds a batch
                 size = max(1, min(_BATCH, len(queue) // (2 * workers)))
                 batch = tuple(queue.popleft() for _ in range(size))
                 with _main_module_hidden():  # submit starts the workers it needs
                     inflight.append((batch, pool.submit(_run_batch, fn, batch)))
-                queued += size
             batch, future = inflight[0]
             try:
                 outcomes = future.result(timeout=timeout_s)
@@ -160,7 +158,6 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
             except Exception as exc:  # a result that cannot travel back: keep the evidence, go on with the rest
                 outcomes = [(_ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
             inflight.popleft()
-            queued -= len(batch)
             for job, (status, value) in zip(batch, outcomes):
                 if status == _DONE:
                     yield value
