@@ -12,6 +12,10 @@ so that what a process pays once is outside every contender's timing:
 Wall time and CPU time (this process and all its descendants, workers included) are both measured;
 "per core" ratios divide files by CPU seconds, which is what a shared cluster node pays.
 
+Machines are noisy (a shared VM varies by ±0.1 in these ratios from run to run), so every contender runs in
+``--repeats`` interleaved rounds; each ratio is computed within a round, and its median and every round's value
+are printed.
+
 Run: ``.venv/bin/python benchmarks/ingest_throughput.py``
 """
 
@@ -21,6 +25,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -118,6 +123,8 @@ def medtl_ingest(folder: Path, workdir: Path, workers: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of every contender, interleaved; ratios are taken within a round")
     args = parser.parse_args()
     os.environ.setdefault("MEDTL_UID_SECRET", "benchmark-secret")
     warnings.filterwarnings("ignore")
@@ -126,6 +133,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     files = corpus()
     megabytes = sum(f.stat().st_size for f in files) / 1e6
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory(prefix="medtl-bench-") as tmp:
         folder = Path(tmp) / "input"
         folder.mkdir()
@@ -142,28 +150,38 @@ def main() -> None:
         for f in copies[:5]:
             shutil.copyfile(f, warm / f.name)
         medtl_ingest(warm, Path(tmp) / "warm-up-work", 1)
-        results = [measure("pydicom loop (dcmread + pixel_array)", lambda: pydicom_loop(copies)),
-                   measure("MONAI LoadImage(PydicomReader)", lambda: monai_loadimage(copies))]
-        for n in args.workers:
-            results.append(measure(f"medtl ingest, {n} worker{'s' if n > 1 else ''}",
-                                   lambda n=n: medtl_ingest(folder, Path(tmp) / f"work{n}", n)))
+        for _ in range(args.repeats):
+            results = [measure("pydicom loop (dcmread + pixel_array)", lambda: pydicom_loop(copies)),
+                       measure("MONAI LoadImage(PydicomReader)", lambda: monai_loadimage(copies))]
+            for n in args.workers:
+                work = Path(tmp) / f"work{n}"
+                results.append(measure(f"medtl ingest, {n} worker{'s' if n > 1 else ''}",
+                                       lambda n=n, work=work: medtl_ingest(folder, work, n)))
+                shutil.rmtree(work)
+            rounds.append(results)
 
-    print(f"\n{len(files)} files, {megabytes:.1f} MB, {os.cpu_count()} CPUs\n")
+    print(f"\n{len(files)} files, {megabytes:.1f} MB, {os.cpu_count()} CPUs, {args.repeats} rounds "
+          "(medians per contender)\n")
     print(f"{'contender':42s} {'ok':>5s} {'wall s':>8s} {'CPU s':>8s} {'files/s':>9s} {'MB/s':>7s} "
           f"{'files/CPU-s':>12s}")
-    for r in results:
-        print(f"{r['name']:42s} {r['ok']:5d} {r['wall']:8.2f} {r['cpu']:8.2f} {len(files) / r['wall']:9.1f} "
-              f"{megabytes / r['wall']:7.1f} {len(files) / r['cpu']:12.1f}")
-    monai = results[1]
-    by_workers = {n: r for n, r in zip(args.workers, results[2:])}
+    for i, name in enumerate(r["name"] for r in rounds[0]):
+        ok = rounds[0][i]["ok"]
+        wall = statistics.median(r[i]["wall"] for r in rounds)
+        cpu = statistics.median(r[i]["cpu"] for r in rounds)
+        print(f"{name:42s} {ok:5d} {wall:8.2f} {cpu:8.2f} {len(files) / wall:9.1f} {megabytes / wall:7.1f} "
+              f"{len(files) / cpu:12.1f}")
     print()
-    if 1 in by_workers:
-        one = by_workers[1]
-        print(f"medtl (1 worker) vs MONAI LoadImage, wall:      {monai['wall'] / one['wall']:.2f}x")
-        print(f"medtl (1 worker) vs MONAI LoadImage, per core:  {monai['cpu'] / one['cpu']:.2f}x  (target >= 2)")
-        if 2 in by_workers:
-            print(f"medtl 2 workers vs 1 worker, wall:              {one['wall'] / by_workers[2]['wall']:.2f}x"
-                  "  (target >= 1.8)")
+    ratios = {"medtl (1 worker) vs MONAI LoadImage, wall": (lambda r, by: r[1]["wall"] / by[1]["wall"], ""),
+              "medtl (1 worker) vs MONAI LoadImage, per core": (lambda r, by: r[1]["cpu"] / by[1]["cpu"],
+                                                                "  (target >= 2)"),
+              "medtl 2 workers vs 1 worker, wall": (lambda r, by: by[1]["wall"] / by[2]["wall"], "  (target >= 1.8)")}
+    for label, (ratio, target) in ratios.items():
+        try:
+            values = [ratio(r, dict(zip(args.workers, r[2:]))) for r in rounds]
+        except KeyError:  # that worker count was not run
+            continue
+        spread = ", ".join(f"{v:.2f}" for v in values)
+        print(f"{label + ':':48s} median {statistics.median(values):.2f}x{target}   rounds: {spread}")
 
 
 if __name__ == "__main__":

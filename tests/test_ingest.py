@@ -177,6 +177,52 @@ def test_images_lost_from_the_workspace_are_ingested_again(cohort: Path, tmp_pat
     assert len(load_ledger(ws)) == 28
 
 
+def test_sop_instance_uid_collisions_go_to_the_first_file_in_input_order(cohort: Path, tmp_path: Path) -> None:
+    template = next(p for p in sorted((cohort / "site_a").glob("*.dcm")) if p.stat().st_size > 4000)
+    source = tmp_path / "dicom"
+    source.mkdir()
+    for name, value in (("a_first.dcm", 0), ("b_second.dcm", 50), ("c_third.dcm", 100)):
+        ds = pydicom.dcmread(template)
+        pixels = ds.pixel_array.copy()
+        pixels[: pixels.shape[0] // 2] = value  # same SOPInstanceUID, different content
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(source / name)
+    reference = Workspace(tmp_path / "reference")
+    only_first = tmp_path / "only_first"
+    only_first.mkdir()
+    shutil.copy(source / "a_first.dcm", only_first)
+    ingest_folder(ingest_config(only_first), reference)
+    expected = {p.relative_to(reference.ingest).as_posix(): p.read_bytes()
+                for p in reference.ingest.glob("*/*") if p.parent.name in ("arrays", "dicom")}
+    assert len(expected) == 2
+
+    for workers in (1, 2, 2):
+        ws = Workspace(tmp_path / f"work{workers}_{len(list(tmp_path.iterdir()))}")
+        (ws.ingest / "arrays").mkdir(parents=True)
+        for rel in expected:  # a killed run's leftover under the same name, with other content
+            (ws.ingest / rel).parent.mkdir(exist_ok=True)
+            (ws.ingest / rel).write_bytes(b"stale")
+        summary = ingest_folder(ingest_config(source, workers=workers), ws)
+        assert (summary.ingested, summary.quarantined) == (1, 2)
+        ledger = load_ledger(ws).set_index("path")
+        assert ledger.loc["a_first.dcm", "status"] == "ingested"
+        for later in ("b_second.dcm", "c_third.dcm"):
+            assert ledger.loc[later, "reason"].startswith("SOPInstanceUID collision")
+        assert {rel: (ws.ingest / rel).read_bytes() for rel in expected} == expected
+        assert not (ws.ingest / ".staging").exists()
+
+    reversed_order = Workspace(tmp_path / "reversed")  # an earlier run's owner keeps the name
+    later_only = tmp_path / "later_only"
+    later_only.mkdir()
+    shutil.copy(source / "c_third.dcm", later_only)
+    ingest_folder(ingest_config(later_only), reversed_order)
+    owned = {rel: (reversed_order.ingest / rel).read_bytes() for rel in expected}
+    shutil.copy(source / "a_first.dcm", later_only)
+    summary = ingest_folder(ingest_config(later_only), reversed_order)
+    assert (summary.ingested, summary.quarantined) == (1, 1)
+    assert {rel: (reversed_order.ingest / rel).read_bytes() for rel in expected} == owned
+
+
 def test_label_rows_naming_missing_files_warn(cohort: Path, tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text((cohort / "labels.csv").read_text() + "site_a/missing.dcm,1\n")

@@ -38,7 +38,7 @@ from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, l
 from medtl.ingest.reader import RejectedFile, preprocess
 from medtl.ingest.sandbox import available_cpus, sandboxed_map
 from medtl.ingest.volume import RejectedSeries, SeriesGroup, Volume, assemble, group_series, is_volume_series, write_nifti
-from medtl.ingest.worker import FileJob, FileResult, WorkerSettings, ingest_file
+from medtl.ingest.worker import STAGING, FileJob, FileResult, WorkerSettings, ingest_file
 from medtl.workspace import Workspace
 
 logger = logging.getLogger("medtl.ingest")
@@ -101,7 +101,7 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
                          deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
                          pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream,
                          windowing=cfg.windowing, max_decoded_bytes=cfg.max_decoded_mib * 1024**2,
-                         staging=_staging(ws))
+                         outputs=ws.ingest)
 
     files = discover(input_dir, skip=[labels_csv, ws.ingest])
     labels = read_labels(labels_csv, {rel for rel, _ in files}) if labels_csv.is_file() else {}
@@ -201,7 +201,7 @@ def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, m
     for i, result in enumerate(_run(jobs, settings, cfg), start=1):
         job = result.job
         if result.headers and not result.reason:
-            slices.append(_place_dicom(result, ws))
+            slices.append(_move_staged(result, ws))
             continue
         sop = result.record.get("sop_uid", "")
         if not result.reason and sop_owner.get(sop, job.content_hash) != job.content_hash:
@@ -227,14 +227,14 @@ def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, m
 
 
 def _staging(ws: Workspace) -> Path:
-    # workers' outputs (and 3D slices until their whole series is known) wait here; emptied at each run's start/end
-    return ws.ingest / ".staging"
+    # outputs the main process must settle (and 3D slices until their whole series is known) wait here; emptied at
+    # each run's start and end
+    return ws.ingest / STAGING
 
 
-def _place_dicom(result: FileResult, ws: Workspace) -> FileResult:
-    staged = _staging(ws) / f"{result.job.content_hash}.dcm"
-    if staged.exists():
-        os.replace(staged, ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm")
+def _move_staged(result: FileResult, ws: Workspace) -> FileResult:
+    for final, staged in result.staged.items():
+        os.replace(staged, ws.ingest / final)
     return result
 
 
@@ -496,14 +496,12 @@ def _run(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig) -> It
 
 
 # ----------------------------------------------------------------------------------------------
-# writing (main process only, so that names are checked before anything lands on disk)
+# settling outputs in input order (main process)
 
 
 def _store(result: FileResult, ws: Workspace) -> dict:
-    image = Path("arrays") / f"{result.record['sop_uid']}.npy"
-    os.replace(_staging(ws) / f"{result.job.content_hash}.npy", ws.ingest / image)
-    _place_dicom(result, ws)
-    return {**result.record, "image": image.as_posix(), "volume": "", "label": pd.NA}
+    _move_staged(result, ws)  # a name a worker found taken goes to this input, the first in input order to claim it
+    return {**result.record, "image": f"arrays/{result.record['sop_uid']}.npy", "volume": "", "label": pd.NA}
 
 
 def _quarantine(job: FileJob, quarantine: Path) -> None:

@@ -8,6 +8,7 @@ main process: every worker start, and every restart after a hostile file killed 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from medtl.ingest.writer import write_dicom
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What a worker needs to ingest one file (picklable); outputs go to ``staging``."""
+    """What a worker needs to ingest one file (picklable); outputs go under ``outputs`` (the ingest folder)."""
 
     image_size: int
     spatial_dims: int
@@ -35,7 +36,12 @@ class WorkerSettings:
     pixels_cleaned_upstream: bool
     windowing: str
     max_decoded_bytes: int
-    staging: Path
+    outputs: Path
+
+    @property
+    def staging(self) -> Path:
+        """Where outputs wait under ``<content hash>.*`` until they can take their final names."""
+        return self.outputs / STAGING
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,26 @@ class FileJob:
     content_hash: str
 
 
+STAGING = ".staging"
+
+
 @dataclass
 class FileResult:
-    """A worker's verdict on one file. Its outputs wait in the staging folder under ``<content hash>.*``
-    (``.npy`` model array, ``.dcm`` de-identified copy, ``.pixels.npy`` 3D stored pixels) for the main
-    process to move into place, so that no large payload crosses between processes."""
+    """A worker's verdict on one file; no large payload crosses between processes.
+
+    A 2D image's outputs take their final names in the worker (``arrays/<SOP UID>.npy``, and
+    ``dicom/<SOP UID>.dcm`` when DICOM copies are kept), each only if that name is free. Every other output
+    waits in the staging folder and is listed in ``staged`` for the main process, which settles it in
+    input order: a name already taken (SOP Instance UID collision, or a killed run's leftover), a 3D
+    slice's DICOM copy, whose fate depends on its whole series. 3D stored pixels stay in staging under
+    ``<content hash>.pixels.npy`` until their series is assembled.
+    """
 
     job: FileJob
     reason: str = ""
     record: dict = field(default_factory=dict)
     headers: list[SliceHeader] = field(default_factory=list)  # 3D: the file's slices, assembled per series later
+    staged: dict[str, Path] = field(default_factory=dict)  # final path (relative to the ingest folder) -> staged file
 
 
 def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
@@ -110,17 +126,34 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
                       series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
         stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
+        outputs = {}
         if array is not None:
-            np.save(f"{stem}.npy", array, allow_pickle=False)
+            np.save(outputs.setdefault(f"arrays/{record['sop_uid']}.npy", Path(f"{stem}.npy")), array,
+                    allow_pickle=False)
         if pixels is not None:
             np.save(f"{stem}.pixels.npy", pixels, allow_pickle=False)
         if settings.keep_dicom:
-            write_dicom(f"{stem}.dcm", clean)
-        return FileResult(job, record=record, headers=headers)
+            write_dicom(outputs.setdefault(f"dicom/{record['sop_uid']}.dcm", Path(f"{stem}.dcm")), clean)
+        if not headers:  # a 2D image: its outputs are final now, unless a name is taken (then it and the rest wait)
+            for final, staged in list(outputs.items()):
+                if not _claim(staged, settings.outputs / final):
+                    break
+                del outputs[final]
+        return FileResult(job, record=record, headers=headers, staged=outputs)
     except RejectedFile as exc:
         return FileResult(job, reason=str(exc))
     except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
         return FileResult(job, reason=f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
+
+
+def _claim(staged: Path, final: Path) -> bool:
+    """Give ``staged`` the name ``final`` if no file has it (atomically: a hard link fails on a taken name)."""
+    try:
+        os.link(staged, final)
+    except OSError:  # taken, or a file system without hard links: the main process moves it
+        return False
+    os.unlink(staged)
+    return True
 
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
