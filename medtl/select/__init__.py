@@ -1,6 +1,8 @@
-"""Backbone selection: transferability scores and a selector."""
+"""Backbone selection: transferability scores, the selector, and the validation of its choice."""
 
-from medtl.select.scores import linear_probe_auc, logme
-from medtl.select.selector import BackboneSelector
+from medtl.select.scores import h_score, knn_accuracy, knn_cv_accuracy, leep, linear_probe_auc, logme, nce
+from medtl.select.selector import SCORES, BackboneSelector
+from medtl.select.validation import validate_selection
 
-__all__ = ["BackboneSelector", "linear_probe_auc", "logme"]
+__all__ = ["SCORES", "BackboneSelector", "h_score", "knn_accuracy", "knn_cv_accuracy", "leep", "linear_probe_auc",
+           "logme", "nce", "validate_selection"]

@@ -130,8 +130,11 @@ def run_fingerprint(cfg: TrainConfig, extra: dict | None = None) -> str:
 def _set_epoch(loader: Iterable, epoch: int) -> None:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    elif hasattr(getattr(loader, "dataset", None), "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+        return
+    # random transforms live in the dataset, episodes in a batch sampler: each re-seeds from the epoch
+    for part in (getattr(loader, "dataset", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
 
 
 def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConfig, *,

@@ -1,0 +1,369 @@
+"""Transfer learning on real chest radiographs: scratch vs ImageNet vs in-domain SSL, and backbone selection.
+
+Data: ``../shared/data/pneumoniamnist_28.npz`` (MedMNIST v2 PneumoniaMNIST, official splits: train 4708,
+val 524, test 624), upsampled bilinearly to ``--size`` pixels for the backbone (EfficientNet-Lite0, 3.4 M
+parameters with a 2-class head, grey input).
+
+Everything runs through medtl's own parts: the shared MONAI transforms, ``create_backbone``, the one
+training loop ``fit`` with its ``Supervised`` and self-supervised objectives, the k-NN monitor, the
+transferability scores and the selector. Steps:
+
+1. **In-domain SSL**: SimCLR (``--ssl-method``) on the training images *without their labels*, starting
+   from ImageNet (continued pretraining), with the k-NN monitor on the labeled validation images; the
+   backbone is exported as ``efficientnet_lite0.ssl`` with its JSON card.
+2. **SSL step throughput**: medtl's ``fit`` step vs lightly's own plain example loop (two forward passes,
+   ``loss.backward()``, ``optimizer.step()``) on the same model, batch and optimizer, in interleaved rounds.
+3. **Fine-tuning**: label fractions (stratified, nested per seed) x initialisations x seeds. Every run has the
+   same step budget per fraction; the checkpoint with the best *validation* AUC is kept, and only that
+   model is evaluated once on the official test split (AUC and ACC at the 0.5 threshold as MedMNIST reports,
+   with percentile bootstrap 95 % CIs).
+4. **Selection**: transferability scores of each initialisation's frozen features on the labeled training
+   subset, against the fine-tuned validation AUC (weighted Kendall tau per score, score time vs fine-tuning time).
+
+Runs are resumable: each finished run is a JSON file under ``--out``, skipped when present.
+
+Run: ``.venv/bin/python benchmarks/pneumoniamnist_transfer.py`` (about 1.5 h on 2 CPU cores);
+``--quick`` for a few-minute smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "pneumoniamnist_28.npz"
+ARCH = "efficientnet_lite0"
+INITS = {"scratch": f"{ARCH}.scratch", "imagenet": f"{ARCH}.imagenet", "ssl": f"{ARCH}.ssl"}
+# MedMNIST v2, Table 4, PneumoniaMNIST test split (../shared/data/ATTRIBUTION.md)
+PUBLISHED = {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864), "ResNet-50 (28)": (0.948, 0.854),
+             "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855), "AutoKeras": (0.947, 0.878),
+             "Google AutoML Vision": (0.991, 0.946)}
+
+log = logging.getLogger("benchmark")
+
+
+def prepare(npz: Path, out: Path, size: int) -> dict[str, list[dict]]:
+    """Write every image as a ``(1, size, size)`` float32 ``.npy`` in [0, 1]; return records per split."""
+    data = np.load(npz)
+    records: dict[str, list[dict]] = {}
+    for split in ("train", "val", "test"):
+        images = torch.from_numpy(data[f"{split}_images"]).float().div(255).unsqueeze(1)
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+        labels = data[f"{split}_labels"][:, 0].astype(int)
+        folder = out / "arrays" / f"{size}px"
+        folder.mkdir(parents=True, exist_ok=True)
+        records[split] = []
+        for i, (image, label) in enumerate(zip(images.numpy(), labels)):
+            path = folder / f"{split}_{i:05d}.npy"
+            if not path.exists():
+                np.save(path, image.astype(np.float32))
+            # MedMNIST has one image per patient: the image index stands in for the patient id
+            records[split].append({"image": str(path), "label": int(label), "patient_id": f"{split}{i}"})
+    return records
+
+
+def label_subset(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A class-stratified fraction of the labeled training images (at least 2 per class)."""
+    if fraction >= 1:
+        return list(records)
+    rng = np.random.default_rng(seed)
+    labels = np.array([r["label"] for r in records])
+    keep = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        keep += list(rng.choice(members, max(2, round(len(members) * fraction)), replace=False))
+    return [records[i] for i in sorted(keep)]
+
+
+# ------------------------------------------------------------------------------------------- SSL
+
+
+def pretrain_ssl(records: dict[str, list[dict]], out: Path, args: argparse.Namespace) -> dict:
+    from medtl.config import AugmentConfig, TrainConfig
+    from medtl.data.datasets import SampleDataset, make_loader
+    from medtl.data.transforms import eval_transform, ssl_views_transform
+    from medtl.models import create_backbone, save_backbone
+    from medtl.ssl import KnnMonitor, build_ssl_objective
+    from medtl.train import fit
+
+    card_path = out / "weights" / f"{ARCH}.ssl.json"
+    if card_path.exists():
+        return json.loads(card_path.read_text())
+    backbone = create_backbone(INITS["imagenet"], num_classes=0)
+    mean, std = backbone.cfg.mean, backbone.cfg.std
+    unlabeled = [{"image": r["image"], "label": -1} for r in records["train"]]  # labels withheld
+    views = ssl_views_transform(2, args.size, mean, std, AugmentConfig(crop_min_scale=0.5))
+    loader = make_loader(SampleDataset(unlabeled, views), args.ssl_batch, shuffle=True, drop_last=True)
+    cfg = TrainConfig(epochs=args.ssl_epochs, batch_size=args.ssl_batch, lr=args.ssl_lr, warmup_epochs=1,
+                      seed=0, progress=False)
+    objective = build_ssl_objective(args.ssl_method, backbone, temperature=0.2, total_steps=cfg.epochs * len(loader))
+    evaluation = eval_transform(2, args.size, mean, std)
+    monitor = KnnMonitor(make_loader(SampleDataset(records["train"][:2000], evaluation), 256, shuffle=False),
+                         make_loader(SampleDataset(records["val"], evaluation), 256, shuffle=False),
+                         every=max(1, args.ssl_epochs // 5), epochs=args.ssl_epochs)
+    imagenet_knn = {}
+    monitor_before = KnnMonitor(monitor.train_loader, monitor.val_loader)
+    monitor_before(-1, backbone, imagenet_knn)
+    result = fit(backbone, objective, loader, cfg, checkpoint_dir=out / "ssl_checkpoints", callbacks=[monitor],
+                 fingerprint_extra={"method": args.ssl_method, "size": args.size}, description="ssl")
+    card = {"method": args.ssl_method, "init": INITS["imagenet"], "epochs": cfg.epochs, "n_images": len(unlabeled),
+            "data": "pneumoniamnist_28.npz train split, labels withheld", "size": args.size,
+            "config": cfg.model_dump(mode="json"), "knn_before": imagenet_knn.get("knn_acc"),
+            "knn_curve": [{"epoch": h["epoch"], "knn_acc": h["knn_acc"]} for h in result.history if "knn_acc" in h],
+            "history": result.history, "seconds": result.seconds}
+    save_backbone(backbone, out / "weights" / f"{ARCH}.ssl", card)
+    return card
+
+
+def ssl_throughput(args: argparse.Namespace, rounds: int = 3, steps: int = 8) -> dict:
+    """Images/s of one SSL step: medtl's ``fit`` vs lightly's plain example loop, same model/batch/optimizer."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    from medtl.config import TrainConfig
+    from medtl.models import create_backbone
+    from medtl.ssl import SimCLR
+    from medtl.train import fit
+
+    torch.manual_seed(0)
+    batch = args.ssl_batch
+    views = [(torch.randn(batch, 1, args.size, args.size), torch.randn(batch, 1, args.size, args.size))
+             for _ in range(steps)]
+
+    class Loader(list):
+        pass
+
+    def medtl_run() -> float:
+        backbone = create_backbone(INITS["imagenet"], num_classes=0)
+        objective = SimCLR(backbone.num_features)
+        loader = Loader({"view1": a, "view2": b} for a, b in views)
+        cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", lr=0.06, grad_clip_norm=None,
+                          deterministic=False, progress=False, device="cpu")
+        t0 = time.perf_counter()
+        fit(backbone, objective, loader, cfg)
+        return steps * batch / (time.perf_counter() - t0)
+
+    def lightly_run() -> float:
+        # lightly's SimCLR example: backbone + projection head, NT-Xent, SGD(lr=0.06)
+        backbone = create_backbone(INITS["imagenet"], num_classes=0)
+        head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, 128)
+        model = torch.nn.Sequential(backbone, head)
+        criterion = NTXentLoss()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
+        model.train()
+        t0 = time.perf_counter()
+        for x0, x1 in views:
+            z0 = model(x0)
+            z1 = model(x1)
+            loss = criterion(z0, z1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return steps * batch / (time.perf_counter() - t0)
+
+    medtl_ips, lightly_ips = [], []
+    for _ in range(rounds):
+        lightly_ips.append(lightly_run())
+        medtl_ips.append(medtl_run())
+    ratios = [m / lt for m, lt in zip(medtl_ips, lightly_ips)]
+    return {"medtl_images_per_s": statistics.median(medtl_ips), "lightly_images_per_s": statistics.median(lightly_ips),
+            "ratio_median": statistics.median(ratios), "ratios": ratios, "batch": batch, "steps": steps}
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+
+def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fraction: float, seed: int,
+             out: Path, args: argparse.Namespace) -> dict:
+    from medtl.config import AugmentConfig, TrainConfig
+    from medtl.data.datasets import SampleDataset, make_loader
+    from medtl.data.transforms import eval_transform, train_transform
+    from medtl.evaluate.metrics import binary_metrics
+    from medtl.models import create_backbone
+    from medtl.train import Supervised, fit
+    from medtl.train.inference import positive_probability
+
+    path = out / "runs" / f"{fraction:g}_{init}_{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    backbone = create_backbone(INITS[init], num_classes=2, weights_dir=out / "weights")
+    mean, std = backbone.cfg.mean, backbone.cfg.std
+    batch = min(args.batch, len(train))
+    epochs = max(1, math.ceil(args.steps[fraction] / math.ceil(len(train) / batch)))
+    augment = AugmentConfig(flip=False, rotate_deg=10, scale=0.1)
+    loader = make_loader(SampleDataset(train, train_transform(2, args.size, mean, std, augment)), batch,
+                         shuffle=True, drop_last=True)
+    evaluation = eval_transform(2, args.size, mean, std)
+    val_loader = make_loader(SampleDataset(val, evaluation), 256, shuffle=False)
+    y_val = np.array([r["label"] for r in val])
+    best = {"val_auc": -1.0}
+    every = max(1, epochs // args.val_checks)
+
+    def keep_best(epoch: int, model: torch.nn.Module, logs: dict) -> None:
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            return
+        p = positive_probability(model, val_loader, device="cpu")
+        auc = float(binary_metrics(y_val, p, n_bootstrap=50)["auc"]["value"])
+        logs["val_auc"] = auc
+        if auc > best["val_auc"]:
+            best.update(val_auc=auc, epoch=epoch + 1, state={k: v.clone() for k, v in model.state_dict().items()})
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=args.lr, weight_decay=1e-4, warmup_epochs=0,
+                      seed=seed, progress=False, device="cpu")
+    t0 = time.perf_counter()
+    fit(backbone, Supervised(), loader, cfg, callbacks=[keep_best], description=f"{init} {fraction:g} s{seed}")
+    seconds = time.perf_counter() - t0
+    backbone.load_state_dict(best["state"])
+    # the one look at the test split for this model
+    test_loader = make_loader(SampleDataset(test, evaluation), 256, shuffle=False)
+    y_test = np.array([r["label"] for r in test])
+    metrics = binary_metrics(y_test, positive_probability(backbone, test_loader, device="cpu"), threshold=0.5,
+                             n_bootstrap=1000, seed=seed)
+    result = {"init": init, "fraction": fraction, "seed": seed, "n_train": len(train), "epochs": epochs,
+              "best_epoch": best["epoch"], "val_auc": best["val_auc"], "seconds": seconds,
+              "test_auc": metrics["auc"]["value"],
+              "test_auc_ci": [metrics["auc"]["ci_low"], metrics["auc"]["ci_high"]],
+              "test_acc": metrics["accuracy"]["value"],
+              "test_acc_ci": [metrics["accuracy"]["ci_low"], metrics["accuracy"]["ci_high"]],
+              "parameters": sum(p.numel() for p in backbone.parameters())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    log.info("%s", result)
+    return result
+
+
+def selection_scores(train: list[dict], fraction: float, seed: int, out: Path, args: argparse.Namespace) -> dict:
+    """Every score of every initialisation's frozen features on the labeled training subset."""
+    from medtl.data.datasets import SampleDataset, make_loader
+    from medtl.data.transforms import eval_transform
+    from medtl.models import create_backbone
+    from medtl.models.registry import get_backbone_cfg
+    from medtl.select import BackboneSelector
+    from medtl.stages import embed_with_source_head
+
+    path = out / "scores" / f"{fraction:g}_{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    features, probabilities, extract_seconds = {}, {}, {}
+    for init, name in INITS.items():
+        t0 = time.perf_counter()
+        backbone = create_backbone(name, num_classes=get_backbone_cfg(name, out / "weights").pretrained_classes,
+                                   weights_dir=out / "weights")
+        loader = make_loader(SampleDataset(train, eval_transform(2, args.size, backbone.cfg.mean, backbone.cfg.std)),
+                             256, shuffle=False)
+        features[init], p = embed_with_source_head(backbone, loader)
+        if p is not None:
+            probabilities[init] = p
+        extract_seconds[init] = time.perf_counter() - t0
+    y = np.array([r["label"] for r in train])
+    selector = BackboneSelector(rank_by="logme").fit(features, y, source_probabilities=probabilities)
+    result = {"scores": selector.scores_.drop(columns="rank").to_dict(orient="index"),
+              "seconds": selector.seconds_.to_dict(orient="index"), "extract_seconds": extract_seconds,
+              "best": selector.best_}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def summarise(runs: list[dict], scores: dict, args: argparse.Namespace) -> str:
+    import pandas as pd
+
+    from medtl.select.validation import validate_selection
+
+    frame = pd.DataFrame(runs)
+    lines = ["| labels | init | test AUC (mean ± sd, 3 seeds) | test ACC | AUC 95 % CI (seed 0) | val AUC | "
+             "min per seed |", "|---|---|---:|---:|---:|---:|---:|"]
+    for (fraction, init), group in frame.groupby(["fraction", "init"], sort=False):
+        first = group.sort_values("seed").iloc[0]
+        lines.append(f"| {fraction:.0%} | {init} | {group.test_auc.mean():.3f} ± {group.test_auc.std():.3f} | "
+                     f"{group.test_acc.mean():.3f} ± {group.test_acc.std():.3f} | "
+                     f"{first.test_auc_ci[0]:.3f}–{first.test_auc_ci[1]:.3f} | {group.val_auc.mean():.3f} | "
+                     f"{group.seconds.max() / 60:.1f} |")
+    lines += ["", "Published, same test split: " + "; ".join(f"{k} AUC {a:.3f} / ACC {c:.3f}"
+                                                             for k, (a, c) in PUBLISHED.items())]
+    lines += ["", "| labels | score | weighted τ | Kendall τ | top pick | its val AUC | best val AUC | within 0.01 | "
+                  "score s | fine-tune s |", "|---|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for fraction in args.fractions:
+        subset = frame[frame.fraction == fraction]
+        finetuned = subset.groupby("init").val_auc.mean().to_dict()
+        finetune_seconds = subset.groupby("init").seconds.mean().to_dict()
+        fold = [scores[(fraction, seed)] for seed in args.seeds if (fraction, seed) in scores]
+        if not fold:
+            continue
+        table = pd.DataFrame(fold[0]["scores"]).T
+        secs = pd.DataFrame(fold[0]["seconds"]).T
+        validation = validate_selection(table, secs, finetuned, finetune_seconds)
+        for score, row in validation.iterrows():
+            lines.append(f"| {fraction:.0%} | {score} | {row.weighted_tau:.2f} | {row.kendall_tau:.2f} | "
+                         f"{row.top_pick} | {row.top_pick_result:.3f} | {row.finetuned_best:.3f} | "
+                         f"{row.top_pick_within_tolerance} | "
+                         f"{row.score_seconds:.2f} | {row.finetune_seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_pneumoniamnist")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--val-checks", type=int, default=6, help="validation AUC checks per run (model selection)")
+    parser.add_argument("--ssl-method", default="simclr", choices=["simclr", "moco", "byol", "vicreg"])
+    parser.add_argument("--ssl-epochs", type=int, default=10)
+    parser.add_argument("--ssl-batch", type=int, default=128)
+    parser.add_argument("--ssl-lr", type=float, default=3e-4)
+    parser.add_argument("--quick", action="store_true", help="a few-minute smoke run: 1 seed, tiny budgets")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} not found: this benchmark needs ../shared/data/pneumoniamnist_28.npz")
+    # optimizer steps per run, by label fraction: the same budget for every initialisation
+    args.steps = {0.01: 120, 0.1: 300, 1.0: 450}
+    if args.quick:
+        args.seeds, args.ssl_epochs, args.steps = args.seeds[:1], 1, {f: 10 for f in args.fractions}
+        args.out = args.out.with_name(args.out.name + "_quick")
+    args.steps = {f: args.steps.get(f, 300) for f in args.fractions}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    records = prepare(args.data, args.out, args.size)
+
+    if "ssl" in args.inits:
+        card = pretrain_ssl(records, args.out, args)
+        print(f"SSL ({card['method']}, {card['epochs']} epochs, {card['seconds'] / 60:.1f} min): k-NN val accuracy "
+              f"{card['knn_before']:.3f} (ImageNet) -> " + ", ".join(f"ep {c['epoch']}: {c['knn_acc']:.3f}"
+                                                                   for c in card["knn_curve"]))
+    throughput = ssl_throughput(args)
+    print(f"SSL step throughput, medtl fit vs lightly's loop: {throughput['ratio_median']:.2f}x "
+          f"({throughput['medtl_images_per_s']:.1f} vs {throughput['lightly_images_per_s']:.1f} images/s; rounds "
+          + ", ".join(f"{r:.2f}" for r in throughput["ratios"]) + ")")
+
+    runs, scores = [], {}
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            train = label_subset(records["train"], fraction, seed)
+            scores[(fraction, seed)] = selection_scores(train, fraction, seed, args.out, args)
+            for init in args.inits:
+                runs.append(finetune(init, train, records["val"], records["test"], fraction, seed, args.out, args))
+    table = summarise(runs, scores, args)
+    print(table)
+    (args.out / "summary.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
