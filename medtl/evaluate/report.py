@@ -59,7 +59,8 @@ _BOOTSTRAP_SEED = 0       # fixed so that re-rendering a report reproduces its n
 _COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")  # Okabe-Ito
 _METRIC_LABELS = {"auc": "AUC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
                   "specificity": "Specificity", "ece": "ECE"}
-_COLUMN_TITLES = {"rank": "Rank", "backbone": "Backbone", "logme": "LogME", "linear_probe_auc": "Linear-probe AUC"}
+_COLUMN_TITLES = {"rank": "Rank", "backbone": "Backbone", "logme": "LogME", "linear_probe_auc": "Linear-probe AUC",
+                  "h_score": "H-score", "knn_accuracy": "k-NN accuracy", "leep": "LEEP", "nce": "NCE"}
 _ROLE_HELP = {
     "source": "training hospital, evaluated on held-out patients",
     "target": "adapted to without its labels",
