@@ -72,17 +72,14 @@ def prepare(npz: Path, out: Path, size: int) -> dict[str, list[dict]]:
     return records
 
 
-def label_subset(records: list[dict], fraction: float, seed: int) -> list[dict]:
-    """A class-stratified fraction of the labeled training images (at least 2 per class)."""
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a class-stratified fraction of the labeled training images (at least 2 per class)."""
     if fraction >= 1:
-        return list(records)
+        return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    labels = np.array([r["label"] for r in records])
-    keep = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        keep += list(rng.choice(members, max(2, round(len(members) * fraction)), replace=False))
-    return [records[i] for i in sorted(keep)]
+    keep = [rng.choice(np.flatnonzero(labels == cls), max(2, round(int((labels == cls).sum()) * fraction)),
+                       replace=False) for cls in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
 
 
 # ------------------------------------------------------------------------------------------- SSL
@@ -140,13 +137,10 @@ def ssl_throughput(args: argparse.Namespace, rounds: int = 3, steps: int = 8) ->
     views = [(torch.randn(batch, 1, args.size, args.size), torch.randn(batch, 1, args.size, args.size))
              for _ in range(steps)]
 
-    class Loader(list):
-        pass
-
     def medtl_run() -> float:
         backbone = create_backbone(INITS["imagenet"], num_classes=0)
         objective = SimCLR(backbone.num_features)
-        loader = Loader({"view1": a, "view2": b} for a, b in views)
+        loader = [{"view1": a, "view2": b} for a, b in views]
         cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", lr=0.06, grad_clip_norm=None,
                           deterministic=False, progress=False, device="cpu")
         t0 = time.perf_counter()
@@ -185,6 +179,8 @@ def ssl_throughput(args: argparse.Namespace, rounds: int = 3, steps: int = 8) ->
 
 def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fraction: float, seed: int,
              out: Path, args: argparse.Namespace) -> dict:
+    from sklearn.metrics import roc_auc_score
+
     from medtl.config import AugmentConfig, TrainConfig
     from medtl.data.datasets import SampleDataset, make_loader
     from medtl.data.transforms import eval_transform, train_transform
@@ -212,8 +208,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     def keep_best(epoch: int, model: torch.nn.Module, logs: dict) -> None:
         if (epoch + 1) % every and epoch + 1 != epochs:
             return
-        p = positive_probability(model, val_loader, device="cpu")
-        auc = float(binary_metrics(y_val, p, n_bootstrap=50)["auc"]["value"])
+        auc = float(roc_auc_score(y_val, positive_probability(model, val_loader, device="cpu")))
         logs["val_auc"] = auc
         if auc > best["val_auc"]:
             best.update(val_auc=auc, epoch=epoch + 1, state={k: v.clone() for k, v in model.state_dict().items()})
@@ -242,34 +237,42 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     return result
 
 
-def selection_scores(train: list[dict], fraction: float, seed: int, out: Path, args: argparse.Namespace) -> dict:
-    """Every score of every initialisation's frozen features on the labeled training subset."""
+def frozen_features(records: list[dict], out: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Each initialisation's frozen features (and source-head probabilities) of every training image, computed
+    once: every label subset's scores index into them."""
     from medtl.data.datasets import SampleDataset, make_loader
     from medtl.data.transforms import eval_transform
     from medtl.models import create_backbone
     from medtl.models.registry import get_backbone_cfg
-    from medtl.select import BackboneSelector
-    from medtl.stages import embed_with_source_head
+    from medtl.train.inference import embed_with_source_head
 
-    path = out / "scores" / f"{fraction:g}_{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    features, probabilities, extract_seconds = {}, {}, {}
+    frozen = {}
     for init, name in INITS.items():
         t0 = time.perf_counter()
         backbone = create_backbone(name, num_classes=get_backbone_cfg(name, out / "weights").pretrained_classes,
                                    weights_dir=out / "weights")
-        loader = make_loader(SampleDataset(train, eval_transform(2, args.size, backbone.cfg.mean, backbone.cfg.std)),
+        loader = make_loader(SampleDataset(records, eval_transform(2, args.size, backbone.cfg.mean, backbone.cfg.std)),
                              256, shuffle=False)
-        features[init], p = embed_with_source_head(backbone, loader)
-        if p is not None:
-            probabilities[init] = p
-        extract_seconds[init] = time.perf_counter() - t0
+        features, probabilities = embed_with_source_head(backbone, loader)
+        frozen[init] = {"features": features, "probabilities": probabilities, "seconds": time.perf_counter() - t0}
+    return frozen
+
+
+def selection_scores(frozen: dict[str, dict], train: list[dict], index: np.ndarray, fraction: float, seed: int,
+                     out: Path) -> dict:
+    """Every score of every initialisation's frozen features on the labeled training subset ``index``."""
+    from medtl.select import BackboneSelector
+
+    path = out / "scores" / f"{fraction:g}_{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    features = {init: f["features"][index] for init, f in frozen.items()}
+    probabilities = {init: f["probabilities"][index] for init, f in frozen.items() if f["probabilities"] is not None}
     y = np.array([r["label"] for r in train])
     selector = BackboneSelector(rank_by="logme").fit(features, y, source_probabilities=probabilities)
     result = {"scores": selector.scores_.drop(columns="rank").to_dict(orient="index"),
-              "seconds": selector.seconds_.to_dict(orient="index"), "extract_seconds": extract_seconds,
-              "best": selector.best_}
+              "seconds": selector.seconds_.to_dict(orient="index"),
+              "extract_seconds": {init: f["seconds"] for init, f in frozen.items()}, "best": selector.best_}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float))
     return result
@@ -354,10 +357,13 @@ def main() -> None:
           + ", ".join(f"{r:.2f}" for r in throughput["ratios"]) + ")")
 
     runs, scores = [], {}
+    frozen = frozen_features(records["train"], args.out, args)
+    train_labels = np.array([r["label"] for r in records["train"]])
     for fraction in args.fractions:
         for seed in args.seeds:
-            train = label_subset(records["train"], fraction, seed)
-            scores[(fraction, seed)] = selection_scores(train, fraction, seed, args.out, args)
+            index = label_subset(train_labels, fraction, seed)
+            train = [records["train"][i] for i in index]
+            scores[(fraction, seed)] = selection_scores(frozen, train, index, fraction, seed, args.out)
             for init in args.inits:
                 runs.append(finetune(init, train, records["val"], records["test"], fraction, seed, args.out, args))
     table = summarise(runs, scores, args)

@@ -35,7 +35,7 @@ from medtl.select import SCORES, BackboneSelector
 from medtl.ssl import KnnMonitor, build_ssl_objective
 from medtl.train import Supervised, TaskWithAdaptation, fit
 from medtl.train.checkpoint import atomic_save_tensors
-from medtl.train.inference import embeddings, positive_probability, run_inference
+from medtl.train.inference import embed_with_source_head, positive_probability
 from medtl.workspace import Workspace
 
 log = logging.getLogger("medtl")
@@ -211,20 +211,6 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     _write_json(ws.select / "ranking.json", payload)
     log.info("select: %s", ", ".join(f"{r['backbone']} ({cfg.rank_by}={r[cfg.rank_by]:.3f})" for r in ranking))
     return payload
-
-
-def embed_with_source_head(backbone: Backbone, loader) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pooled features ``(N, D)`` and, for a backbone that kept its source classifier (e.g. ImageNet's 1000
-    classes), its softmax over those classes ``(N, Z)`` for LEEP and NCE; one pass over the data."""
-    if backbone.num_classes == 0:
-        return embeddings(backbone, loader), None
-    out = run_inference(backbone, loader, fn=lambda m, x: _features_and_probabilities(m, x))
-    return out[:, :backbone.num_features], out[:, backbone.num_features:]
-
-
-def _features_and_probabilities(model: Backbone, x: torch.Tensor) -> torch.Tensor:
-    embedding = model.embed(x)
-    return torch.cat([embedding.float(), torch.softmax(model.classify(embedding).float(), 1)], 1)
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -39,3 +39,17 @@ def embeddings(model: nn.Module, loader: Iterable, device: str = "auto") -> np.n
 def positive_probability(model: nn.Module, loader: Iterable, device: str = "auto") -> np.ndarray:
     """(N,) softmax probability of class 1 (binary tasks)."""
     return run_inference(model, loader, device=device, fn=lambda m, x: torch.softmax(m(x).float(), 1)[:, 1])
+
+
+def embed_with_source_head(backbone: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features ``(N, D)`` and, for a backbone that kept its source classifier (e.g. ImageNet's 1000
+    classes), its softmax over those classes ``(N, Z)`` for LEEP and NCE; one pass over the data."""
+    if backbone.num_classes == 0:
+        return embeddings(backbone, loader), None
+    out = run_inference(backbone, loader, fn=_features_and_probabilities)
+    return out[:, :backbone.num_features], out[:, backbone.num_features:]
+
+
+def _features_and_probabilities(model: nn.Module, x: Tensor) -> torch.Tensor:
+    embedding = model.embed(x)
+    return torch.cat([embedding.float(), torch.softmax(model.classify(embedding).float(), 1)], 1)
