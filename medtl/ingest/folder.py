@@ -95,13 +95,7 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     labels_csv = cfg.labels_csv if cfg.labels_csv is not None else input_dir / "labels.csv"
     if cfg.labels_csv is not None and not labels_csv.is_file():
         raise FileNotFoundError(f"ingest.labels_csv {labels_csv} does not exist")
-    settings = WorkerSettings(image_size=cfg.image_size, spatial_dims=cfg.spatial_dims,
-                         site_attribute=cfg.site_attribute, key=resolve_secret(cfg.deid),
-                         uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
-                         deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
-                         pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream,
-                         windowing=cfg.windowing, max_decoded_bytes=cfg.max_decoded_mib * 1024**2,
-                         outputs=ws.ingest)
+    settings = worker_settings(cfg, ws.ingest)
 
     files = discover(input_dir, skip=[labels_csv, ws.ingest])
     labels = read_labels(labels_csv, {rel for rel, _ in files}) if labels_csv.is_file() else {}
@@ -148,6 +142,15 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
         raise RuntimeError(f"ingest accounting does not balance: {summary}; this is a bug in medtl.ingest")
     logger.info("%s", summary)
     return summary
+
+
+def worker_settings(cfg: IngestConfig, outputs: Path) -> WorkerSettings:
+    """What each worker needs from the ``ingest`` config, with outputs under ``outputs`` (the ingest folder)."""
+    return WorkerSettings(image_size=cfg.image_size, spatial_dims=cfg.spatial_dims, site_attribute=cfg.site_attribute,
+                          key=resolve_secret(cfg.deid), uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
+                          deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
+                          pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream, windowing=cfg.windowing,
+                          max_decoded_bytes=cfg.max_decoded_mib * 1024**2, outputs=outputs)
 
 
 @dataclass
@@ -373,13 +376,23 @@ def discover(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, Path
         ``(relative posix path, path)`` pairs.
     """
     skipped = {p.resolve() for p in skip}
+    root = input_dir.resolve()
     found = []
-    for folder, dirs, names in os.walk(input_dir):
-        dirs[:] = [d for d in dirs if (Path(folder) / d).resolve() not in skipped]
-        for name in names:
-            path = Path(folder) / name
-            if path.is_file() and path.resolve() not in skipped:
-                found.append((path.relative_to(input_dir).as_posix(), path))
+    folders = [""]
+    while folders:
+        relative = folders.pop()
+        with os.scandir(input_dir / relative) as entries:
+            for entry in entries:
+                rel = f"{relative}/{entry.name}" if relative else entry.name
+                # Below a resolved root, only a symbolic link can lead elsewhere: resolving every path (several
+                # system calls each) would cost more than the rest of discovery.
+                real = Path(entry.path).resolve() if entry.is_symlink() else root / rel
+                if real in skipped:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(rel)
+                elif entry.is_file():
+                    found.append((rel, input_dir / rel))
     return sorted(found)
 
 

@@ -23,10 +23,11 @@ import importlib
 import multiprocessing
 import os
 import sys
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -126,8 +127,12 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
     inflight: deque[tuple[tuple[J, ...], Future]] = deque()
     try:
         _start_workers(pool, workers, module, memory_mb)
+        head_deadline = None
         while queue or inflight:
-            while queue and sum(len(b) for b, _ in inflight) < _LOOKAHEAD * workers:
+            # Results are yielded in input order, but a slow input at the head must not starve the other workers:
+            # only batches not yet done count against the lookahead, and any batch finishing wakes this loop to
+            # refill the pool.
+            while queue and sum(len(b) for b, f in inflight if not f.done()) < _LOOKAHEAD * workers:
                 # a few jobs per submission spare the pool's threads and pipes most of their per-job work; the
                 # last ones go one by one so that no worker idles while another still holds a batch
                 size = max(1, min(_BATCH, len(queue) // (2 * workers)))
@@ -135,8 +140,15 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 with _main_module_hidden():  # submit starts the workers it needs
                     inflight.append((batch, pool.submit(_run_batch, fn, batch)))
             batch, future = inflight[0]
+            if head_deadline is None:  # the head's time limit runs from when it reached the head, as before
+                head_deadline = time.monotonic() + timeout_s
+            if not future.done():
+                wait([f for _, f in inflight if not f.done()], timeout=max(0.0, head_deadline - time.monotonic()),
+                     return_when=FIRST_COMPLETED)
+                if not future.done() and time.monotonic() < head_deadline:
+                    continue  # another batch finished: refill, then wait on the head again
             try:
-                outcomes = future.result(timeout=timeout_s)
+                outcomes = future.result(timeout=0)
             except FutureTimeout:
                 inflight.popleft()
                 _kill_workers(pool)
@@ -157,6 +169,7 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 return
             except Exception as exc:  # a result that cannot travel back: keep the evidence, go on with the rest
                 outcomes = [(_ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
+            head_deadline = None
             inflight.popleft()
             for job, (status, value) in zip(batch, outcomes):
                 if status == _DONE:
