@@ -6,3 +6,9 @@ from medtl.select.validation import validate_selection
 
 __all__ = ["SCORES", "BackboneSelector", "h_score", "knn_accuracy", "knn_cv_accuracy", "leep", "linear_probe_auc",
            "logme", "nce", "validate_selection"]
+
+from medtl.select.unsupervised import (UNSUPERVISED_SCORES, UnsupervisedSelector, dev_risk, dev_score, entropy_score,
+                                       importance_weights, iwcv_risk, iwcv_score, prediction_entropy, snd_score)
+
+__all__ += ["UNSUPERVISED_SCORES", "UnsupervisedSelector", "dev_risk", "dev_score", "entropy_score",
+            "importance_weights", "iwcv_risk", "iwcv_score", "prediction_entropy", "snd_score"]

@@ -7,6 +7,10 @@ safetensors checkpoints — and nothing else: the objective decides what the los
 Resumption is exact: every epoch starts by seeding the global RNGs with ``seed + epoch`` and
 re-seeding the dataset's random transforms, so epoch *e* sees the same shuffling and augmentation
 whether or not the run was interrupted before it.
+
+Stopping early: a callback sets ``logs["stop_training"] = True`` (see :data:`STOP_TRAINING`, and
+:class:`medtl.finetune.EarlyStopping`); ``fit`` ends after that epoch, writes a checkpoint, and a later
+call with the same checkpoint resumes to "finished" instead of training on.
 """
 
 from __future__ import annotations
@@ -36,16 +40,23 @@ log = logging.getLogger("medtl.train")
 
 EpochCallback = Callable[[int, nn.Module, dict], None]
 CHECKPOINT_NAME = "last.safetensors"
+STOP_TRAINING = "stop_training"
+"""The ``logs`` key a callback sets to ``True`` to end training after the current epoch."""
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did. ``history`` has one dict of mean logs per epoch."""
+    """What :func:`fit` did. ``history`` has one dict of mean logs per epoch.
+
+    ``stopped_epoch`` is the (1-based) epoch after which a callback stopped training, ``None`` when the
+    run went through all ``cfg.epochs``.
+    """
 
     history: list[dict] = field(default_factory=list)
     device: str = "cpu"
     resumed_from_epoch: int | None = None
     seconds: float = 0.0
+    stopped_epoch: int | None = None
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -153,7 +164,17 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             if a checkpoint with the same fingerprint is there, training resumes after its epoch.
         param_groups: optimizer groups (e.g. layer-wise learning rates); default: every trainable
             parameter of model and objective at ``cfg.lr``.
-        callbacks: ``callback(epoch, model, logs)`` after each epoch; may add entries to ``logs``.
+        callbacks: ``callback(epoch, model, logs)`` after each epoch, in order; may add entries to
+            ``logs``. Setting ``logs["stop_training"] = True`` ends training after this epoch (early
+            stopping): the epoch is recorded, a checkpoint is written whatever ``cfg.checkpoint_every``
+            says, ``FitResult.stopped_epoch`` is set, and resuming that checkpoint trains no further. A
+            callback object may also have ``on_fit_start(model, history)``, called once before the first
+            epoch with the epochs already done (empty unless resumed, after the checkpoint is loaded), and
+            ``on_fit_end(model)``, called once after the last epoch trained (the stopping one, or the
+            ``cfg.epochs``-th) *before* the final checkpoint is written, so what it does to the model
+            (e.g. restoring the best weights) is what a resumed run gets back too. Callbacks may unfreeze
+            parameters between epochs; the optimizer must already hold them (see
+            :func:`medtl.finetune.optimizer_groups` ``include_frozen``).
         fingerprint_extra: anything else that must match for a checkpoint to be resumed.
         description: label of the progress bar.
 
@@ -196,13 +217,29 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             result.history = header["history"]
             result.resumed_from_epoch = header["epoch"]
             log.info("%s: resuming after epoch %d from %s", description, header["epoch"] + 1, ckpt_path)
+            if result.history and result.history[-1].get(STOP_TRAINING):
+                result.stopped_epoch = int(result.history[-1]["epoch"])
+                start_epoch = cfg.epochs  # a callback ended this run: nothing is left to train
+                log.info("%s: that run was stopped after epoch %d; not training further", description,
+                         result.stopped_epoch)
         else:
             log.warning("%s: %s was written with other settings; training from the start and replacing it",
                         description, ckpt_path)
 
+    for callback in callbacks:
+        if callable(getattr(callback, "on_fit_start", None)):
+            callback.on_fit_start(model, list(result.history))
+
     t0 = time.perf_counter()
-    params_to_clip = trainable_parameters(model, objective)
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    warned = False
     for epoch in range(start_epoch, cfg.epochs):
+        params_to_clip = trainable_parameters(model, objective)  # per epoch: callbacks may unfreeze layers
+        if not warned and any(id(p) not in optimised for p in params_to_clip):
+            warned = True
+            log.warning("%s: some trainable parameters are not in the optimizer and will not be updated; to "
+                        "unfreeze layers during training, build param_groups with optimizer_groups(..., "
+                        "include_frozen=True)", description)
         seed_everything(cfg.seed + epoch, cfg.deterministic)
         _set_epoch(loader, epoch)
         model.train()
@@ -234,12 +271,24 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         model.eval()
         for callback in callbacks:
             callback(epoch, model, epoch_logs)
+        stop = bool(epoch_logs.pop(STOP_TRAINING, False))
+        last = stop or epoch + 1 == cfg.epochs
+        if stop:
+            epoch_logs[STOP_TRAINING] = True
+        if last:
+            for callback in callbacks:
+                if callable(getattr(callback, "on_fit_end", None)):
+                    callback.on_fit_end(model)
         result.history.append(epoch_logs)
         log.info("%s epoch %d/%d %s", description, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in epoch_logs.items() if isinstance(v, float)))
-        if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+        if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
                             epoch=epoch, fingerprint=fingerprint, history=result.history)
+        if stop:
+            result.stopped_epoch = epoch + 1
+            log.info("%s: a callback stopped training after epoch %d of %d", description, epoch + 1, cfg.epochs)
+            break
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result

@@ -51,11 +51,17 @@ class DomainFeatures:
 
     Attributes:
         embedding: (B, D) pooled backbone features (pre-logits).
-        logits: (B, num_classes) classifier outputs.
+        logits: (B, num_classes) classifier outputs (of the weakly augmented view, when there are two).
+        labels: (B,) class indices, ``-1`` = unknown. :class:`TaskWithAdaptation` fills it for the source
+            side only; the target side's is always ``None`` (its labels are never shown to a plugin).
+        strong_logits: (B, num_classes) classifier outputs on a strongly augmented view of the same
+            images; filled for the target side when the plugin sets ``uses_strong_view = True``.
     """
 
     embedding: Tensor
     logits: Tensor
+    labels: Tensor | None = None
+    strong_logits: Tensor | None = None
 
 
 class AdaptationLoss(nn.Module):
@@ -64,12 +70,24 @@ class AdaptationLoss(nn.Module):
     ``uses_target = False`` tells the objective not to pass target images through the model at all,
     so that the zero plugin is exactly source-only training (target images in a training-mode
     forward pass would leak into BatchNorm statistics).
+
+    ``uses_strong_view = True`` asks the objective to also forward ``batch["target"]["image_strong"]``
+    (a strongly augmented view of the target images) and to pass its logits as
+    ``target.strong_logits`` (FixMatch-style self-training, :class:`medtl.adapt.PseudoLabelLoss`).
+
+    A plugin may report per-step diagnostics by overriding :meth:`extra_logs`; the objective adds them
+    to its logs, which :func:`medtl.train.fit` averages per epoch into the history.
     """
 
     uses_target: bool = True
+    uses_strong_view: bool = False
 
     def forward(self, source: DomainFeatures, target: DomainFeatures) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def extra_logs(self) -> dict[str, float]:
+        """Python floats describing the last :meth:`forward` call (default: none)."""
+        return {}
 
 
 class NoAdaptation(AdaptationLoss):
@@ -85,8 +103,10 @@ class TaskWithAdaptation(Objective):
     """``loss = cross-entropy(source) + reg × adaptation(source, target)`` on ``{"source", "target"}`` batches.
 
     Source and target images go through the backbone in one forward pass (one set of BatchNorm
-    batch statistics over both domains, as in DANN / Deep CORAL implementations). The model must
-    provide ``embed(x) -> (B, D)`` and ``classify(embedding) -> (B, num_classes)``.
+    batch statistics over both domains, as in DANN / Deep CORAL implementations); a plugin with
+    ``uses_strong_view`` adds ``batch["target"]["image_strong"]`` to that same pass (as FixMatch does).
+    The model must provide ``embed(x) -> (B, D)`` and ``classify(embedding) -> (B, num_classes)``.
+    The plugin sees the source labels (``source.labels``) but never the target's.
 
     Args:
         adaptation: an :class:`AdaptationLoss` plugin (e.g. :class:`medtl.adapt.CoralLoss`).
@@ -103,12 +123,32 @@ class TaskWithAdaptation(Objective):
     def forward(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         xs, ys = batch["source"]["image"], batch["source"]["label"]
         n = xs.shape[0]
-        x = torch.cat([xs, batch["target"]["image"]]) if self.adaptation.uses_target else xs
-        embedding = model.embed(x)
+        strong = self.adaptation.uses_strong_view
+        parts = [xs]
+        if self.adaptation.uses_target or strong:
+            parts.append(batch["target"]["image"])
+        if strong:
+            parts.append(_strong_view(batch["target"], type(self.adaptation).__name__))
+        embedding = model.embed(torch.cat(parts) if len(parts) > 1 else xs)
         logits = model.classify(embedding)
-        source = DomainFeatures(embedding[:n], logits[:n])
-        target = DomainFeatures(embedding[n:], logits[n:])
+        end = n + (parts[1].shape[0] if len(parts) > 1 else 0)
+        source = DomainFeatures(embedding[:n], logits[:n], labels=ys)
+        target = DomainFeatures(embedding[n:end], logits[n:end], strong_logits=logits[end:] if strong else None)
         task = F.cross_entropy(source.logits.float(), ys, ignore_index=-1)
         adapt = self.adaptation(source, target)
         loss = task + self.reg * adapt
-        return loss, {"loss": loss.item(), "task": task.item(), "adaptation": adapt.item()}
+        logs = {**self.adaptation.extra_logs(), "loss": loss.item(), "task": task.item(), "adaptation": adapt.item()}
+        return loss, logs
+
+
+def _strong_view(target_batch: dict, plugin: str) -> Tensor:
+    if "image_strong" not in target_batch:
+        raise ValueError(f"{plugin} needs a strongly augmented view of every target image under the key "
+                         f"'image_strong' of batch['target'] (found keys {sorted(target_batch)}); have the target "
+                         "dataset's transform return both 'image' (weak augmentation, e.g. flip) and "
+                         "'image_strong' (strong augmentation of the same image, e.g. RandAugment + cutout)")
+    weak, strong = target_batch["image"], target_batch["image_strong"]
+    if strong.shape != weak.shape:
+        raise ValueError(f"batch['target']['image_strong'] must have the shape of batch['target']['image'] "
+                         f"(one strong view per image), got {tuple(strong.shape)} and {tuple(weak.shape)}")
+    return strong
