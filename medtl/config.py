@@ -352,8 +352,11 @@ class FinetuneConfig(StrictModel):
 class AdaptConfig(StrictModel):
     """Adapt the fine-tuned model to the target hospital without its labels (``medtl adapt``)."""
 
-    methods: list[Literal["source_only", "adabn", "coral", "dann"]] = Field(
-        default_factory=lambda: ["source_only", "adabn", "coral"], min_length=1)
+    methods: list[Literal["source_only", "adabn", "tent", "coral", "mmd", "dann", "ot", "pseudo_label"]] = Field(
+        default_factory=lambda: ["source_only", "adabn", "coral"], min_length=1,
+        description="source_only (the zero plugin), adabn (BatchNorm statistics re-estimated on the target), tent "
+                    "(test-time entropy minimisation of BatchNorm affine parameters), or a loss plugin: coral, "
+                    "mmd (multi-kernel), dann, ot (DeepJDOT optimal transport), pseudo_label (FixMatch-style)")
     reg: float = Field(1.0, ge=0, description="weight of the adaptation loss: total = task + reg * adaptation")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
 

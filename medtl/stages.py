@@ -22,11 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 import medtl
-from medtl.adapt import CoralLoss, DANNLoss, NoAdaptation, recompute_batchnorm_statistics
+from medtl.adapt import (EntropyMinimisation, build_adaptation_loss, recompute_batchnorm_statistics,
+                         tent_parameters)
 from medtl.config import (AdaptConfig, DataConfig, FinetuneConfig, IngestConfig, PipelineConfig, PretrainConfig,
                           SelectConfig, SynthConfig)
 from medtl.data.datasets import PairedLoader, SampleDataset, assign_splits, make_loader, to_records
-from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform
+from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform, weak_strong_transform
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
 from medtl.finetune import optimizer_groups
 from medtl.models import Backbone, create_backbone, save_backbone
@@ -298,11 +299,27 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             n_bn = recompute_batchnorm_statistics(
                 model, (b["image"] for b in _eval_loader(target, model, data)))
             summary[method] = {"batchnorm_layers": n_bn, "target_images": len(target)}
+        elif method == "tent":
+            # target images only, un-augmented as at test time; BatchNorm affine parameters are all that train
+            params = tent_parameters(model, track_target_statistics=True)
+            t = eval_transform(data.spatial_dims, data.image_size, model.cfg.mean, model.cfg.std)
+            loader = make_loader(_dataset(target, t), cfg.train.batch_size, shuffle=True,
+                                 num_workers=data.num_workers, drop_last=len(target) > cfg.train.batch_size)
+            result = fit(model, EntropyMinimisation(), loader, cfg.train, param_groups=[{"params": params}],
+                         checkpoint_dir=ws.adapt / "checkpoints" / method,
+                         fingerprint_extra={"method": method, "base": card["backbone"]}, description="adapt tent")
+            summary[method] = {"history": result.history, "seconds": result.seconds,
+                               "trained_parameters": sum(p.numel() for p in params)}
         else:
-            plugin = {"source_only": lambda: NoAdaptation(), "coral": lambda: CoralLoss(),
-                      "dann": lambda: DANNLoss(model.num_features)}[method]()
-            loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size),
-                                  _train_loader(target, model, data, cfg.train.batch_size))
+            plugin = build_adaptation_loss(method, model.num_features)
+            if plugin.uses_strong_view:
+                t = weak_strong_transform(data.spatial_dims, data.image_size, model.cfg.mean, model.cfg.std,
+                                          data.augment)
+                target_loader = make_loader(_dataset(target, t), cfg.train.batch_size, shuffle=True,
+                                            num_workers=data.num_workers, drop_last=True)
+            else:
+                target_loader = _train_loader(target, model, data, cfg.train.batch_size)
+            loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size), target_loader)
             result = fit(model, TaskWithAdaptation(plugin, reg=cfg.reg), loader, cfg.train,
                          checkpoint_dir=ws.adapt / "checkpoints" / method,
                          fingerprint_extra={"method": method, "base": card["backbone"], "reg": cfg.reg},

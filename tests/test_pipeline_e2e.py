@@ -33,12 +33,13 @@ def test_pipeline_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
     text = html.read_text()
     for hospital in HOSPITALS:
         assert hospital in text
-    for method in ("source_only", "adabn", "coral", "dann"):
+    methods = {"source_only", "adabn", "tent", "coral", "mmd", "dann", "ot", "pseudo_label"}
+    for method in methods:
         assert method in text
 
     report = json.loads(Path(result["json"]).read_text())
     assert set(report["per_hospital"]) == set(HOSPITALS)
-    assert set(report["adaptation"]["methods"]) == {"source_only", "adabn", "coral", "dann"}
+    assert set(report["adaptation"]["methods"]) == methods
 
     ranking = json.loads((tmp_path / "run" / "select" / "ranking.json").read_text())
     assert {r["backbone"] for r in ranking["ranking"]} == {

@@ -93,6 +93,25 @@ def train_transform(spatial_dims: int, image_size: int, mean: Sequence[float], s
                    + normalize(mean, std))
 
 
+STRONG = "image_strong"
+
+
+def weak_strong_transform(spatial_dims: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+                          augment_cfg: AugmentConfig) -> Compose:
+    """``image`` (weak view: the training augmentation) and ``image_strong`` (a strong view of the same image) for
+    FixMatch-style self-training (Sohn et al., NeurIPS 2020).
+
+    The strong view doubles the geometric ranges and applies every photometric augmentation, with its own random
+    transform instances so that the two views differ.
+    """
+    strong = augment_cfg.model_copy(update={
+        "rotate_deg": min(180.0, 2 * augment_cfg.rotate_deg), "scale": min(0.5, 2 * augment_cfg.scale),
+        "intensity": 2 * augment_cfg.intensity, "noise_std": 2 * augment_cfg.noise_std, "prob": 1.0})
+    return Compose(preprocess(spatial_dims, image_size) + [CopyItemsd(IMAGE, times=1, names=[STRONG])]
+                   + augment(spatial_dims, augment_cfg) + augment(spatial_dims, strong, keys=(STRONG,))
+                   + normalize(mean, std, keys=(IMAGE, STRONG)))
+
+
 def ssl_views_transform(spatial_dims: int, image_size: int, mean: Sequence[float], std: Sequence[float],
                         augment_cfg: AugmentConfig) -> Compose:
     """Two independently augmented views (``view1``, ``view2``) of each image for contrastive learning.
