@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medtl-installed
 CONFIG ?= configs/demo.yaml
 # Debian packages the test suite starts on loopback: a real Orthanc PACS with DICOMweb (tests skip without them).
-TEST_SERVICES := orthanc orthanc-dicomweb
+TEST_SERVICES := orthanc orthanc-dicomweb chromium
 
 .PHONY: install demo test test-services clean
 

@@ -333,11 +333,57 @@ class SelectConfig(StrictModel):
     cv_folds: int = Field(3, ge=2)
 
 
+FinetuneStrategy = Literal["full", "linear_probe", "freeze", "gradual_unfreeze", "lp_ft", "l2sp", "lora"]
+# Settings that belong to one strategy only: a non-default value under another strategy is an error.
+_STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "gradual_unfreeze": ("unfreeze_every",), "lp_ft": ("lp_epochs",), "l2sp": ("l2sp_alpha", "l2sp_beta"),
+    "lora": ("lora_rank", "lora_alpha")}
+
+
 class FinetuneConfig(StrictModel):
-    """Supervised fine-tuning with the first layer groups frozen (``medtl finetune``)."""
+    """Supervised fine-tuning of the chosen backbone on the source hospitals (``medtl finetune``).
+
+    ``strategy`` picks how (see :mod:`medtl.finetune`); every strategy runs through the one loop
+    :func:`medtl.train.fit`, with freezing and layer-wise learning rates from
+    :func:`medtl.finetune.optimizer_groups`. Settings of one strategy (``lora_rank``, ``lp_epochs``, ...) must
+    keep their defaults under the others, so a forgotten switch fails loudly instead of being ignored.
+
+    Backward compatibility: a config without ``strategy`` but with ``freeze_groups`` set (as written before
+    strategies existed) means ``strategy: freeze`` (``freeze_groups: all`` means ``linear_probe``), which
+    trains exactly as before.
+    """
 
     backbone: str | None = Field(None, description="arch.tag to fine-tune; null = the selector's choice")
-    freeze_groups: int | Literal["all"] = Field(0, description="freeze the first k layer groups; 'all' = linear probe")
+    strategy: FinetuneStrategy = Field(
+        "full", description="full (every layer group), linear_probe (the classifier only), freeze (the first "
+                            "freeze_groups groups frozen), gradual_unfreeze (ULMFiT: one more group every "
+                            "unfreeze_every epochs), lp_ft (linear probe for lp_epochs, then full fine-tuning), "
+                            "l2sp (full, weights pulled towards the pretrained ones), lora (low-rank adapters + "
+                            "classifier)")
+    freeze_groups: int | Literal["all"] = Field(0, description="strategy freeze: freeze the first k layer groups; "
+                                                               "'all' = every group but the classifier")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise learning-rate decay: group i of G trains "
+                                                            "at lr x layer_decay^(G-1-i); 1 = one rate")
+    batchnorm: Literal["train", "frozen", "adabn"] = Field(
+        "train", description="BatchNorm statistics: train (follow the batches), frozen (keep the pretrained "
+                             "ones), adabn (re-estimated once on the source training images, then kept)")
+    unfreeze_every: int = Field(1, ge=1, description="strategy gradual_unfreeze: epochs between unfreezing groups")
+    lp_epochs: int = Field(2, ge=1, description="strategy lp_ft: linear-probe epochs out of train.epochs; the "
+                                                "rest fine-tune everything")
+    l2sp_alpha: float = Field(0.01, ge=0, description="strategy l2sp: weight of the pull towards the "
+                                                      "pretrained weights")
+    l2sp_beta: float = Field(0.01, ge=0, description="strategy l2sp: weight of plain L2 on the classifier")
+    lora_rank: int = Field(4, ge=1, description="strategy lora: rank of the adapters")
+    lora_alpha: float = Field(8.0, gt=0, description="strategy lora: the update is scaled by lora_alpha / lora_rank")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better validation AUC and keep the best "
+                                "epoch's weights; null = train every epoch")
+    scratch_baseline: bool = Field(
+        False, description="negative-transfer gate: also train <arch>.scratch (strategy full, same budget) and "
+                           "compare validation AUC")
+    on_negative_transfer: Literal["warn", "fallback"] = Field(
+        "warn", description="when the gate finds scratch better: warn (keep the transferred model) or fallback "
+                            "(the scratch model becomes the stage's model)")
     num_classes: int = Field(2, ge=2)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=1e-3))
 
@@ -347,6 +393,44 @@ class FinetuneConfig(StrictModel):
         if isinstance(v, int) and v < 0:
             raise ValueError("freeze_groups must be >= 0 or 'all'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_from_freeze_groups(cls, data: object) -> object:
+        # Configs written before `strategy` existed froze groups with freeze_groups alone: keep their meaning.
+        if isinstance(data, dict) and "strategy" not in data and data.get("freeze_groups", 0) not in (0, None):
+            data = {**data, "strategy": "linear_probe" if data["freeze_groups"] == "all" else "freeze"}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_fit_strategy(self) -> "FinetuneConfig":
+        s = self.strategy
+        if s == "freeze" and self.freeze_groups == 0:
+            raise ValueError("finetune.strategy 'freeze' needs freeze_groups >= 1 (or 'all'); set freeze_groups, "
+                             "or use strategy: full to train every group")
+        if s == "linear_probe" and self.freeze_groups not in (0, "all"):
+            raise ValueError(f"finetune.strategy 'linear_probe' freezes every group but the classifier, but "
+                             f"freeze_groups is {self.freeze_groups}; remove freeze_groups or use strategy: freeze")
+        if s not in ("freeze", "linear_probe") and self.freeze_groups != 0:
+            raise ValueError(f"finetune.freeze_groups={self.freeze_groups!r} only applies to strategy 'freeze', "
+                             f"not {s!r}; set strategy: freeze, or remove freeze_groups")
+        head_only = s == "linear_probe" or (s == "freeze" and self.freeze_groups == "all")
+        if head_only and self.layer_decay != 1.0:
+            raise ValueError("finetune.layer_decay has no effect when only the classifier trains (linear probe); "
+                             "remove layer_decay or pick a strategy that trains the body")
+        for owner, names in _STRATEGY_SETTINGS.items():
+            for name in names:
+                if s != owner and getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"finetune.{name}={getattr(self, name)!r} only applies to strategy {owner!r}, "
+                                     f"not {s!r}; set strategy: {owner}, or remove {name}")
+        if s == "lp_ft" and self.lp_epochs >= self.train.epochs:
+            raise ValueError(f"finetune.strategy 'lp_ft' splits train.epochs={self.train.epochs} into lp_epochs="
+                             f"{self.lp_epochs} linear-probe epochs and the rest fine-tuning; make lp_epochs smaller "
+                             "than train.epochs")
+        if self.on_negative_transfer == "fallback" and not self.scratch_baseline:
+            raise ValueError("finetune.on_negative_transfer 'fallback' needs the scratch model to fall back to; set "
+                             "scratch_baseline: true, or on_negative_transfer: warn")
+        return self
 
 
 class AdaptConfig(StrictModel):
@@ -358,7 +442,32 @@ class AdaptConfig(StrictModel):
                     "(test-time entropy minimisation of BatchNorm affine parameters), or a loss plugin: coral, "
                     "mmd (multi-kernel), dann, ot (DeepJDOT optimal transport), pseudo_label (FixMatch-style)")
     reg: float = Field(1.0, ge=0, description="weight of the adaptation loss: total = task + reg * adaptation")
+    # dev by default: it is the only scorer that checks the candidate still solves the task (its loss on the
+    # labeled source validation split, weighted towards the target); entropy and snd give their best value to a
+    # model that predicts one class for every target image (all-identical predictions maximise SND).
+    selection_scorer: Literal["snd", "entropy", "dev", "iwcv"] = Field(
+        "dev", description="unsupervised scorer (medtl.select.unsupervised) whose pick among every (method, epoch) "
+                           "candidate becomes the stage's chosen adapted model, adapt/chosen.safetensors: dev (deep "
+                           "embedded validation), iwcv, snd (soft neighbourhood density) or entropy; all four are "
+                           "computed and reported either way")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
+
+
+REPORT_DEFAULT_MARKER = "[medtl default: replace with the site's own text]"
+"""Starts every default intended-use / limitation text, so the report can flag text nobody has replaced yet."""
+
+_DEFAULT_INTENDED_USE = (
+    f"{REPORT_DEFAULT_MARKER} Research evaluation only. The model gives the probability that an image shows the "
+    "finding it was trained to detect. It is meant to help a radiologist prioritise or double-check studies, not "
+    "to make or exclude a diagnosis on its own, and only on the kind of equipment and patients this report covers.")
+_DEFAULT_LIMITATIONS = (
+    f"{REPORT_DEFAULT_MARKER} Retrospective evaluation on the hospitals listed in this report; performance on "
+    "other equipment, protocols or patient groups is unknown until it is measured there.",
+    f"{REPORT_DEFAULT_MARKER} Reference labels were used as given; how and by whom they were assigned, and how "
+    "often they are wrong, is not assessed here.",
+    f"{REPORT_DEFAULT_MARKER} Not evaluated prospectively or inside a clinical workflow: the effect on "
+    "clinicians' decisions and on patients is unknown.",
+)
 
 
 class ReportConfig(StrictModel):
@@ -368,6 +477,17 @@ class ReportConfig(StrictModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     calibration_bins: int = Field(10, ge=2)
     title: str = "medtl validation report"
+    intended_use: str = Field(_DEFAULT_INTENDED_USE, min_length=1,
+                              description="who uses the model, on which patients, for what decision; the default "
+                                          "is a placeholder the report flags until it is replaced")
+    limitations: list[str] = Field(default_factory=lambda: list(_DEFAULT_LIMITATIONS),
+                                   description="site-specific limitations, listed after the ones medtl derives "
+                                               "from the run; the defaults are placeholders the report flags")
+    failure_examples: int = Field(4, ge=0, le=12, description="most confident false positives and false "
+                                                              "negatives shown, each")
+    shift_images_per_site: int = Field(300, ge=10, description="images per hospital sampled for the shift "
+                                                               "diagnostics (seeded)")
+    pdf: bool = Field(True, description="also write report.pdf (skipped with a warning when no renderer works)")
 
 
 class PipelineConfig(StrictModel):

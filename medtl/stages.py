@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,18 +25,21 @@ import medtl
 from medtl.adapt import (EntropyMinimisation, build_adaptation_loss, recompute_batchnorm_statistics,
                          tent_parameters)
 from medtl.config import (AdaptConfig, DataConfig, FinetuneConfig, IngestConfig, PipelineConfig, PretrainConfig,
-                          SelectConfig, SynthConfig)
+                          SelectConfig, SynthConfig, TrainConfig)
 from medtl.data.datasets import PairedLoader, SampleDataset, assign_splits, make_loader, to_records
 from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform, weak_strong_transform
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
-from medtl.finetune import optimizer_groups
+from medtl.finetune import (L2SP, EarlyStopping, GradualUnfreezing, add_lora, apply_batchnorm_policy, lp_ft,
+                            merge_lora, negative_transfer, optimizer_groups, trainable_parameter_report)
 from medtl.models import Backbone, create_backbone, save_backbone
 from medtl.models.registry import get_backbone_cfg
 from medtl.select import SCORES, BackboneSelector
+from medtl.select.unsupervised import UNSUPERVISED_SCORES, UnsupervisedSelector, per_sample_cross_entropy
 from medtl.ssl import KnnMonitor, build_ssl_objective
-from medtl.train import Supervised, TaskWithAdaptation, fit
+from medtl.train import Objective, Supervised, TaskWithAdaptation, fit
 from medtl.train.checkpoint import atomic_save_tensors
-from medtl.train.inference import embed_with_source_head, positive_probability
+from medtl.train.core import run_fingerprint
+from medtl.train.inference import embed_with_source_head, features_and_probabilities, positive_probability
 from medtl.workspace import Workspace
 
 log = logging.getLogger("medtl")
@@ -235,35 +238,331 @@ def _predict_all(model: Backbone, rows: pd.DataFrame, data: DataConfig, name: st
 
 
 def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
-    """Fine-tune the chosen backbone on the source hospitals with the first layer groups frozen."""
+    """Fine-tune the chosen backbone on the source hospitals with ``cfg.strategy``; save model, card and predictions.
+
+    Every strategy trains through the one loop :func:`medtl.train.fit`, with freezing and layer-wise learning
+    rates from :func:`medtl.finetune.optimizer_groups`. With ``cfg.scratch_baseline`` the negative-transfer gate
+    also trains ``<arch>.scratch`` (strategy ``full``, the same ``cfg.train`` budget and early stopping) and
+    compares validation AUCs with :func:`medtl.finetune.negative_transfer`; with ``cfg.on_negative_transfer ==
+    "fallback"`` a better scratch model becomes the stage's model, and the card says so.
+
+    Args:
+        cfg: the ``finetune`` section.
+        data: the hospitals' roles, the splits and the transforms.
+        ws: reads the manifest (and ``select/ranking.json`` when ``cfg.backbone`` is unset); writes
+            ``finetune/model.safetensors`` (LoRA merged: a plain backbone for :func:`load_finetuned`), its card
+            ``finetune/model.json``, ``finetune/predictions.parquet`` and, when the gate trained one,
+            ``finetune/scratch_baseline.json`` (the scratch model's history).
+
+    Returns:
+        The card without its per-epoch history: ``backbone`` (what :func:`load_finetuned` rebuilds; the scratch
+        one after a fallback), ``selected_backbone``, ``saved_model``, ``strategy`` and ``strategy_settings``,
+        ``trainable_params`` / ``total_params`` (parameters the strategy trained; LoRA: adapters counted, before
+        merging), ``best_val_auc`` / ``best_epoch`` of the transferred run, ``val_auc`` of the saved weights,
+        ``early_stopping`` (``None`` when off, else its ``stopped_epoch``), ``negative_transfer``, ``threshold``.
+    """
     manifest = load_split_manifest(ws, data)
     name = _chosen_backbone(cfg, ws)
-    model = create_backbone(name, num_classes=cfg.num_classes, weights_dir=ws.weights)
-    groups, plan = optimizer_groups(model, cfg.train.lr, freeze=cfg.freeze_groups)
     source = manifest[manifest["role"] == "source"]
     train_rows, val_rows = source[source["split"] == "train"], source[source["split"] == "val"]
+    transfer = _finetune_one(name, cfg, data, train_rows, val_rows, ws, role="transfer")
+    gate, scratch = _negative_transfer_gate(cfg, data, transfer, train_rows, val_rows, ws)
+    kept = scratch if gate["fallback_applied"] and scratch is not None else transfer
+    y_val = val_rows["label"].astype(int).to_numpy()
+    best_auc, best_epoch = _best_epoch(transfer.history)
+    card = {"backbone": kept.name, "selected_backbone": name, "arch": kept.model.cfg.arch,
+            "num_classes": cfg.num_classes,
+            "saved_model": (f"{kept.name} trained from scratch (strategy full): negative-transfer fallback"
+                            if kept is not transfer else f"{name} fine-tuned with strategy {cfg.strategy}"),
+            "strategy": cfg.strategy, "strategy_settings": transfer.settings, "batchnorm": cfg.batchnorm,
+            "n_groups": transfer.n_groups, "frozen_groups": transfer.frozen_groups,
+            "trainable_params": transfer.params["trainable"], "total_params": transfer.params["total"],
+            "trainable_percent": transfer.params["percent"],
+            "epochs": cfg.train.epochs, "epochs_trained": len(transfer.history),
+            "best_val_auc": best_auc, "best_epoch": best_epoch, "val_auc": _finite_or_none(kept.val_auc),
+            "early_stopping": transfer.early_stopping, "negative_transfer": gate,
+            "train_images": len(train_rows), "val_images": len(val_rows),
+            "threshold": youden_threshold(y_val, kept.val_prob),
+            "threshold_source": f"Youden index of the saved model on the source validation split ({len(val_rows)} "
+                                "images)",
+            "history": transfer.history, "seconds": transfer.seconds}
+    _save_model(kept.model, ws.finetune / "model", card)
+    _write_parquet(_predict_all(kept.model, evaluation_rows(manifest), data, "finetuned"),
+                   ws.finetune / "predictions.parquet")
+    log.info("finetune: %s with %s, %d/%d parameters trained, val AUC %.3f (best %s at epoch %s); saved %s", name,
+             cfg.strategy, transfer.params["trainable"], transfer.params["total"], transfer.val_auc, best_auc,
+             best_epoch, card["saved_model"])
+    return {k: v for k, v in card.items() if k != "history"}
+
+
+@dataclass
+class _Recipe:
+    """What one fine-tuning strategy puts into the call to :func:`fit`.
+
+    Attributes:
+        objective: the loss: :class:`Supervised`, or :class:`~medtl.finetune.L2SP` around it.
+        train: the training settings (``l2sp`` turns weight decay off).
+        param_groups: optimizer groups from :func:`optimizer_groups`; ``None`` for ``lp_ft``, whose
+            :func:`~medtl.finetune.lp_ft` builds them for each phase with the same function.
+        callbacks: what the strategy runs after each epoch (gradual unfreezing), before validation.
+        settings: the strategy's settings, as the card records them.
+    """
+
+    objective: Objective
+    train: TrainConfig
+    param_groups: list[dict] | None
+    callbacks: list
+    settings: dict
+
+
+def _recipe_layer_groups(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+    """``full`` / ``freeze`` / ``linear_probe``: the first none / ``freeze_groups`` / all-but-the-classifier
+    groups frozen, the rest at layer-wise decayed rates."""
+    freeze = {"full": 0, "freeze": cfg.freeze_groups, "linear_probe": "all"}[cfg.strategy]
+    groups, _ = optimizer_groups(model, cfg.train.lr, freeze=freeze, layer_decay=cfg.layer_decay)
+    return _Recipe(Supervised(), cfg.train, groups, [], {"freeze_groups": freeze, "layer_decay": cfg.layer_decay})
+
+
+def _recipe_gradual(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+    """``gradual_unfreeze``: the classifier first, one more group every ``unfreeze_every`` epochs."""
+    # Every group goes into the optimizer now (frozen ones get no gradient), so unfreezing needs no new optimizer
+    # and a checkpoint resumes with the same optimizer layout.
+    groups, _ = optimizer_groups(model, cfg.train.lr, freeze="all", layer_decay=cfg.layer_decay, include_frozen=True)
+    return _Recipe(Supervised(), cfg.train, groups, [GradualUnfreezing(cfg.unfreeze_every)],
+                   {"unfreeze_every": cfg.unfreeze_every, "layer_decay": cfg.layer_decay})
+
+
+def _recipe_lp_ft(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+    """``lp_ft``: a linear probe for ``lp_epochs``, then every group for the rest of ``train.epochs``."""
+    return _Recipe(Supervised(), cfg.train, None, [],
+                   {"lp_epochs": cfg.lp_epochs, "finetune_epochs": cfg.train.epochs - cfg.lp_epochs,
+                    "layer_decay": cfg.layer_decay})
+
+
+def _recipe_l2sp(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+    """``l2sp``: every group trains, pulled towards the pretrained weights (read from ``model`` now)."""
+    groups, _ = optimizer_groups(model, cfg.train.lr, freeze=0, layer_decay=cfg.layer_decay)
+    # L2-SP's pull towards w0 replaces weight decay's pull towards 0 (Li et al. 2018): decay off.
+    return _Recipe(L2SP(Supervised(), model, alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta),
+                   cfg.train.model_copy(update={"weight_decay": 0.0}), groups, [],
+                   {"l2sp_alpha": cfg.l2sp_alpha, "l2sp_beta": cfg.l2sp_beta, "weight_decay": 0.0,
+                    "layer_decay": cfg.layer_decay})
+
+
+def _recipe_lora(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+    """``lora``: low-rank adapters on every dense convolution / linear layer, plus the whole classifier."""
+    wrapped = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    # add_lora froze the rest; optimizer_groups keeps the trainable parameters (adapters, classifier), each in
+    # its layer group at its decayed rate.
+    groups, _ = optimizer_groups(model, cfg.train.lr, freeze=0, layer_decay=cfg.layer_decay)
+    return _Recipe(Supervised(), cfg.train, groups, [],
+                   {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "adapted_layers": len(wrapped),
+                    "layer_decay": cfg.layer_decay})
+
+
+_RECIPES = {"full": _recipe_layer_groups, "freeze": _recipe_layer_groups, "linear_probe": _recipe_layer_groups,
+            "gradual_unfreeze": _recipe_gradual, "lp_ft": _recipe_lp_ft, "l2sp": _recipe_l2sp, "lora": _recipe_lora}
+
+
+class _KeepBatchNormFrozen:
+    """``fit`` callback for ``batchnorm: frozen | adabn``.
+
+    Unfreezing layer groups (gradual unfreezing; LP-FT's second phase) gives their BatchNorm layers trainable
+    statistics back; this freezes them again before the first epoch and after every epoch, so the statistics
+    stay what the policy set. List it after the callbacks that unfreeze.
+    """
+
+    def on_fit_start(self, model: torch.nn.Module, history: list[dict]) -> None:
+        apply_batchnorm_policy(model, "frozen")
+
+    def __call__(self, epoch: int, model: torch.nn.Module, logs: dict) -> None:
+        apply_batchnorm_policy(model, "frozen")
+
+
+def _apply_batchnorm(model: Backbone, policy: str, train_rows: pd.DataFrame, data: DataConfig) -> None:
+    """``finetune.batchnorm`` on a fresh model, before a strategy freezes or wraps anything.
+
+    Args:
+        model: modified in place.
+        policy: ``train`` (nothing to do), ``frozen``, or ``adabn``: statistics re-estimated on the source
+            training images (un-augmented), replacing the pretraining data's, then frozen.
+        train_rows: the source training split.
+        data: transforms.
+    """
+    if policy == "adabn":
+        with torch.no_grad():  # statistics only: no graph to keep
+            apply_batchnorm_policy(model, "adabn", (b["image"] for b in _eval_loader(train_rows, model, data)))
+    elif policy == "frozen":
+        apply_batchnorm_policy(model, "frozen")
+
+
+def _validation_scores(model: torch.nn.Module, loader, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Positive-class probabilities of ``model`` on the validation ``loader`` and their AUC (NaN with one class)."""
+    prob = positive_probability(model, loader)
+    return prob, float(binary_metrics(y, prob, n_bootstrap=0)["auc"]["value"])
+
+
+def _best_epoch(history: list[dict]) -> tuple[float | None, int | None]:
+    """Highest finite ``val_auc`` of ``history`` and its (earliest) epoch; ``(None, None)`` when none is finite."""
+    scored = [(float(h["val_auc"]), int(h["epoch"])) for h in history
+              if h.get("val_auc") is not None and np.isfinite(h["val_auc"])]
+    if not scored:
+        return None, None
+    return max(scored, key=lambda pair: pair[0])  # max keeps the first of equal values: the earliest epoch
+
+
+@dataclass
+class _Trained:
+    """One model the fine-tune stage trained, and what its card records."""
+
+    name: str
+    model: Backbone
+    history: list[dict]
+    seconds: float
+    val_prob: np.ndarray
+    val_auc: float
+    settings: dict
+    n_groups: int
+    frozen_groups: int
+    params: dict
+    early_stopping: dict | None
+
+
+def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: pd.DataFrame,
+                  val_rows: pd.DataFrame, ws: Workspace, role: str) -> _Trained:
+    """Train backbone ``name`` with ``cfg.strategy`` through :func:`fit` and score it on validation.
+
+    Args:
+        name: ``arch.tag`` to start from.
+        cfg: strategy, its settings, early stopping and the training budget.
+        data: transforms.
+        train_rows, val_rows: the source training and validation splits.
+        ws: weights folder; checkpoints go to ``finetune/checkpoints/<role>``.
+        role: ``transfer`` or ``scratch`` (checkpoint folder and progress label).
+
+    Returns:
+        The trained model (early stopping's best epoch restored; LoRA merged into a plain backbone), its
+        history (LP-FT: both phases, epochs numbered on, each entry with its ``phase``), validation scores and
+        parameter counts (LoRA: counted with the adapters, before merging).
+    """
+    model = create_backbone(name, num_classes=cfg.num_classes, weights_dir=ws.weights)
+    _apply_batchnorm(model, cfg.batchnorm, train_rows, data)
+    recipe = _RECIPES[cfg.strategy](model, cfg)
     val_loader = _eval_loader(val_rows, model, data)
     y_val = val_rows["label"].astype(int).to_numpy()
 
     def validate(epoch: int, m: torch.nn.Module, logs: dict) -> None:
-        prob = positive_probability(m, val_loader)
-        logs["val_auc"] = binary_metrics(y_val, prob, n_bootstrap=0)["auc"]["value"]
+        logs["val_auc"] = _validation_scores(m, val_loader, y_val)[1]
 
-    result = fit(model, Supervised(), _train_loader(train_rows, model, data, cfg.train.batch_size), cfg.train,
-                 checkpoint_dir=ws.finetune / "checkpoints", param_groups=groups, callbacks=[validate],
-                 fingerprint_extra={"backbone": name, "freeze": cfg.freeze_groups, "data": data_hash(train_rows)},
-                 description="finetune")
-    threshold = youden_threshold(y_val, positive_probability(model, val_loader))
-    card = {"backbone": name, "arch": model.cfg.arch, "num_classes": cfg.num_classes,
-            "freeze_groups": cfg.freeze_groups, **asdict(plan), "epochs": cfg.train.epochs,
-            "train_images": len(train_rows), "val_images": len(val_rows), "threshold": threshold,
-            "threshold_source": f"Youden index on the source validation split ({len(val_rows)} images)",
-            "history": result.history, "seconds": result.seconds}
-    _save_model(model, ws.finetune / "model", card)
-    _write_parquet(_predict_all(model, evaluation_rows(manifest), data, "finetuned"), ws.finetune / "predictions.parquet")
-    log.info("finetune: %s, %d/%d parameters trained, val AUC %.3f", name, plan.trainable_params,
-             plan.total_params, result.history[-1].get("val_auc", float("nan")))
-    return {k: v for k, v in card.items() if k != "history"}
+    early = (EarlyStopping("val_auc", mode="max", patience=cfg.early_stopping_patience)
+             if cfg.early_stopping_patience is not None else None)
+    # Order matters: unfreezing first, then BatchNorm re-freezing, then validation, then early stopping reading it.
+    callbacks = [*recipe.callbacks, *([_KeepBatchNormFrozen()] if cfg.batchnorm != "train" else []), validate,
+                 *([early] if early is not None else [])]
+    loader = _train_loader(train_rows, model, data, cfg.train.batch_size)
+    extra = {"backbone": name, "strategy": cfg.strategy, "settings": recipe.settings, "batchnorm": cfg.batchnorm,
+             "early_stopping_patience": cfg.early_stopping_patience, "data": data_hash(train_rows)}
+    checkpoints = ws.finetune / "checkpoints" / role
+    if cfg.strategy == "lp_ft":
+        probe, tuned = lp_ft(model, recipe.objective, loader,
+                             recipe.train.model_copy(update={"epochs": cfg.lp_epochs}),
+                             recipe.train.model_copy(update={"epochs": cfg.train.epochs - cfg.lp_epochs}),
+                             layer_decay=cfg.layer_decay, checkpoint_dir=checkpoints, callbacks=callbacks,
+                             fingerprint_extra=extra)
+        offset = len(probe.history)  # phase 2's epochs continue phase 1's numbering
+        history = ([{**h, "phase": "probe"} for h in probe.history]
+                   + [{**h, "epoch": int(h["epoch"]) + offset, "phase": "finetune"} for h in tuned.history])
+        stops = {"stopped_epoch": tuned.stopped_epoch + offset if tuned.stopped_epoch is not None else None,
+                 "probe_stopped_epoch": probe.stopped_epoch}
+        seconds = probe.seconds + tuned.seconds
+    else:
+        result = fit(model, recipe.objective, loader, recipe.train, checkpoint_dir=checkpoints,
+                     param_groups=recipe.param_groups, callbacks=callbacks, fingerprint_extra=extra,
+                     description=f"finetune {role} {cfg.strategy}")
+        history, seconds, stops = result.history, result.seconds, {"stopped_epoch": result.stopped_epoch}
+    params, n_groups, frozen_groups = _trained_parameters(model, history, cfg.strategy)
+    if cfg.strategy == "lora":
+        merge_lora(model)  # the adapters folded in: a plain backbone that load_finetuned can rebuild
+    val_prob, val_auc = _validation_scores(model, val_loader, y_val)
+    early_stopping = (None if early is None else
+                      {"monitor": "val_auc", "patience": cfg.early_stopping_patience, **stops})
+    return _Trained(name=name, model=model, history=history, seconds=seconds, val_prob=val_prob, val_auc=val_auc,
+                    settings=recipe.settings, n_groups=n_groups, frozen_groups=frozen_groups, params=params,
+                    early_stopping=early_stopping)
+
+
+def _trained_parameters(model: Backbone, history: list[dict], strategy: str) -> tuple[dict, int, int]:
+    """Trained and total parameter elements, layer groups, and leading groups that never trained.
+
+    ``requires_grad`` after training tells what trained, except under gradual unfreezing, whose callback has
+    already thawed the group due for an epoch that never ran; there the epochs' ``trainable_groups`` count.
+
+    Returns:
+        ``(trainable_parameter_report(model), n_groups, frozen_groups)``.
+    """
+    groups = model.layer_groups()
+    params = dict(model.named_parameters())
+    report = trainable_parameter_report(model)
+    if strategy == "gradual_unfreeze":
+        top = min(max(int(h["trainable_groups"]) for h in history), len(groups))
+        report["trainable"] = sum(params[n].numel() for group in groups[len(groups) - top:] for n in group)
+        report["percent"] = 100.0 * report["trainable"] / report["total"]
+        return report, len(groups), len(groups) - top
+    frozen = 0
+    for group in groups:
+        if any(params[n].requires_grad for n in group):
+            break
+        frozen += 1
+    return report, len(groups), frozen
+
+
+def _negative_transfer_gate(cfg: FinetuneConfig, data: DataConfig, transfer: _Trained, train_rows: pd.DataFrame,
+                            val_rows: pd.DataFrame, ws: Workspace) -> tuple[dict, _Trained | None]:
+    """Train ``<arch>.scratch`` (strategy full, same budget) and ask :func:`negative_transfer` whether it wins.
+
+    Args:
+        cfg: ``scratch_baseline`` decides whether to check, ``on_negative_transfer`` what a loss means.
+        data, train_rows, val_rows, ws: as for :func:`_finetune_one`.
+        transfer: the model fine-tuned from the chosen backbone.
+
+    Returns:
+        The card's ``negative_transfer`` block ``{checked, transfer_val_auc, scratch_val_auc, delta, negative,
+        message, fallback_applied}`` (plus ``scratch_backbone`` when one was trained), and the scratch model
+        (``None`` when none was trained).
+    """
+    gate = {"checked": False, "transfer_val_auc": _finite_or_none(transfer.val_auc), "scratch_val_auc": None,
+            "delta": None, "negative": None, "message": "", "fallback_applied": False}
+    baseline_file = ws.finetune / "scratch_baseline.json"
+    if not cfg.scratch_baseline or transfer.model.cfg.tag == "scratch":
+        gate["message"] = ("not checked: finetune.scratch_baseline is false" if not cfg.scratch_baseline else
+                           f"not checked: {transfer.name} is itself trained from scratch")
+        baseline_file.unlink(missing_ok=True)  # a baseline from an earlier run would not describe this one
+        return gate, None
+    scratch_name = f"{transfer.model.cfg.arch}.scratch"
+    baseline_cfg = FinetuneConfig(backbone=scratch_name, strategy="full", num_classes=cfg.num_classes,
+                                  train=cfg.train, early_stopping_patience=cfg.early_stopping_patience)
+    scratch = _finetune_one(scratch_name, baseline_cfg, data, train_rows, val_rows, ws, role="scratch")
+    gate.update(scratch_backbone=scratch_name, scratch_val_auc=_finite_or_none(scratch.val_auc))
+    _write_json(baseline_file, {"backbone": scratch_name, "strategy": "full", "val_auc": gate["scratch_val_auc"],
+                                "early_stopping": scratch.early_stopping, "history": scratch.history,
+                                "seconds": scratch.seconds})
+    try:
+        verdict = negative_transfer(transfer.val_auc, scratch.val_auc,
+                                    transfer_name=f"{transfer.name} ({cfg.strategy})", scratch_name=scratch_name)
+    except ValueError as exc:  # an undefined AUC (one class in the validation split) decides nothing
+        gate["message"] = f"not checked: {exc}"
+        log.warning("finetune: negative-transfer gate %s", gate["message"])
+        return gate, scratch
+    fallback = verdict["negative"] and cfg.on_negative_transfer == "fallback"
+    gate.update(checked=True, delta=verdict["delta"], negative=verdict["negative"], message=verdict["message"],
+                fallback_applied=fallback)
+    if verdict["negative"]:
+        log.warning("finetune: %s; %s", verdict["message"],
+                    "the scratch model becomes the stage's model (on_negative_transfer: fallback)" if fallback
+                    else "keeping the transferred model (on_negative_transfer: warn)")
+    else:
+        log.info("finetune: %s", verdict["message"])
+    return gate, scratch
 
 
 def _save_model(model: Backbone, stem: Path, card: dict) -> None:
@@ -282,9 +581,303 @@ def load_finetuned(ws: Workspace) -> tuple[Backbone, dict]:
     return model.eval(), card
 
 
+SELECTION_NOTE = ("The unsupervised scorers see only the target hospital's unlabeled images and the source hospitals' "
+                  "labeled validation split. The oracle uses the target's labels: it is computed offline, for "
+                  "reporting only, and never influences a pick.")
+
+
+@dataclass
+class AdaptCandidate:
+    """One (method, epoch) model of the adaptation stage, as unsupervised selection sees it.
+
+    Attributes:
+        method: the adaptation method (``AdaptConfig.methods``).
+        epoch: the epoch after which the model was taken (1-based); None for AdaBN, which has no epochs.
+        final: whether this is the method's final model (the one in ``adapt/<method>.safetensors``).
+        weights: the candidate's safetensors file.
+        arrays: the scorer inputs (``medtl.select.unsupervised.CANDIDATE_KEYS``): ``target_probabilities``
+            (N_t, C), ``target_features`` (N_t, D), ``source_val_features`` (N_s, D), ``source_val_losses``
+            (N_s,); the source ones are absent when the source hospitals have no validation images.
+        target_auc: AUC on the target's labeled images (the offline oracle's criterion; NaN when undefined).
+    """
+
+    method: str
+    epoch: int | None
+    final: bool
+    weights: Path
+    arrays: dict[str, np.ndarray]
+    target_auc: float
+
+    @property
+    def name(self) -> str:
+        """``<method>@epoch<k>``, or the method alone for AdaBN."""
+        return self.method if self.epoch is None else f"{self.method}@epoch{self.epoch}"
+
+
+class _CandidateEvaluator:
+    """Evaluates a candidate model in one inference pass over the target's unlabeled images, the source
+    validation split and the target's labeled images; only the last part, for the offline oracle, reads
+    target labels, and it never reaches the scorer inputs.
+
+    Args:
+        target_unlabeled: the target hospital's unlabeled rows (N_t), what the scorers see of the target.
+        source_val: the source hospitals' labeled ``split == "val"`` rows (N_s), as fine-tuning validated on.
+        target_labeled: the target hospital's labeled rows, for the oracle AUC only.
+        model: any model of the stage (its ``cfg`` gives the input normalisation).
+        data: the data section (image size, workers).
+        device: ``TrainConfig.device``: inside ``fit`` the model must stay on the device it trains on.
+    """
+
+    def __init__(self, target_unlabeled: pd.DataFrame, source_val: pd.DataFrame, target_labeled: pd.DataFrame,
+                 model: Backbone, data: DataConfig, device: str = "auto") -> None:
+        self.device = device
+        # one loader, built (and its images cached) once for the whole stage: per candidate, one pass
+        self.loader = _eval_loader(pd.concat([target_unlabeled, source_val, target_labeled]), model, data)
+        self.n_target, self.n_source_val = len(target_unlabeled), len(source_val)
+        self.y_source_val = source_val["label"].astype(int).to_numpy()
+        self.n_target_labeled = len(target_labeled)
+        self._y_target = target_labeled["label"].astype(int).to_numpy()
+        if len(self._y_target) == 0:
+            self.oracle_unavailable: str | None = "the target hospital has no labeled images"
+        elif len(np.unique(self._y_target)) < 2:
+            self.oracle_unavailable = "the target hospital's labeled images are all of one class (AUC undefined)"
+        else:
+            self.oracle_unavailable = None
+
+    def __call__(self, model: Backbone) -> tuple[dict[str, np.ndarray], float]:
+        """Scorer inputs and target AUC of ``model``.
+
+        Returns:
+            The arrays of :class:`AdaptCandidate` and the AUC on the target's labeled images (NaN when undefined).
+        """
+        features, probabilities = features_and_probabilities(model, self.loader, device=self.device)
+        t, s = slice(0, self.n_target), slice(self.n_target, self.n_target + self.n_source_val)
+        arrays = {"target_probabilities": probabilities[t], "target_features": features[t]}
+        if self.n_source_val:
+            arrays["source_val_features"] = features[s]
+            arrays["source_val_losses"] = per_sample_cross_entropy(probabilities[s], self.y_source_val)
+        auc = float("nan")
+        if self.oracle_unavailable is None:
+            prob = probabilities[self.n_target + self.n_source_val:, 1]
+            auc = float(binary_metrics(self._y_target, prob, n_bootstrap=0)["auc"]["value"])
+        return arrays, auc
+
+
+class _CandidateRecorder:
+    """``fit`` callback that keeps the model after every epoch as a candidate: its weights go to
+    ``<store>/<method>-epoch<k>.safetensors`` (tagged with the run's fingerprint, so a resumed run can take
+    back the epochs an earlier call trained) and its scorer inputs are computed at once.
+
+    Args:
+        method: the adaptation method.
+        fingerprint: ``fit``'s run fingerprint for this method (:func:`medtl.train.core.run_fingerprint`).
+        store: the folder of candidate weights.
+        evaluate: the stage's :class:`_CandidateEvaluator`.
+    """
+
+    def __init__(self, method: str, fingerprint: str, store: Path, evaluate: _CandidateEvaluator) -> None:
+        self.method, self.fingerprint, self.store, self.evaluate = method, fingerprint, store, evaluate
+        self.candidates: dict[int, AdaptCandidate] = {}
+        self.missing: list[dict] = []
+
+    def path(self, epoch: int) -> Path:
+        return self.store / f"{self.method}-epoch{epoch}.safetensors"
+
+    def __call__(self, epoch: int, model: torch.nn.Module, logs: dict) -> None:
+        self._add(epoch + 1, model, save=True)
+
+    def _add(self, epoch: int, model: torch.nn.Module, save: bool) -> None:
+        if save:
+            atomic_save_tensors(model.state_dict(), self.path(epoch),
+                                {"method": self.method, "epoch": str(epoch), "fingerprint": self.fingerprint})
+        arrays, auc = self.evaluate(model)
+        self.candidates[epoch] = AdaptCandidate(self.method, epoch, False, self.path(epoch), arrays, auc)
+
+    def collect(self, epochs_done: int, final_model: Backbone, base: Backbone) -> list[AdaptCandidate]:
+        """Every epoch's candidate after ``fit``: epochs that a resumed ``fit`` did not train in this call are
+        taken back from their saved weights (the last one is ``final_model`` itself).
+
+        Args:
+            epochs_done: ``len(result.history)``.
+            final_model: the model ``fit`` returned.
+            base: the fine-tuned model, into a copy of which saved weights are loaded.
+
+        Returns:
+            The candidates in epoch order, the last one marked ``final``; unrecoverable epochs are in ``missing``.
+        """
+        for epoch in range(1, epochs_done + 1):
+            if epoch in self.candidates:
+                continue
+            path = self.path(epoch)
+            if epoch == epochs_done:
+                self._add(epoch, final_model, save=_tensor_metadata(path).get("fingerprint") != self.fingerprint)
+            elif _tensor_metadata(path).get("fingerprint") == self.fingerprint:
+                model = copy.deepcopy(base)
+                model.load_state_dict(load_file(str(path)))
+                self._add(epoch, model.eval(), save=False)
+            else:
+                reason = (f"epoch {epoch} was trained by an earlier call (fit resumed its checkpoint) and {path} "
+                          "is missing or from other settings; delete "
+                          f"{path.parent.parent / 'checkpoints' / self.method} to retrain it as a candidate")
+                log.warning("adapt: %s", reason)
+                self.missing.append({"method": self.method, "epoch": epoch, "reason": reason})
+        if epochs_done in self.candidates:
+            self.candidates[epochs_done].final = True
+        return [self.candidates[e] for e in sorted(self.candidates)]
+
+
+def _tensor_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; empty when it is absent or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+
+
+def select_adapted(candidates: list[AdaptCandidate], scorer: str, seed: int = 0,
+                   not_evaluated: list[dict] | None = None, oracle_unavailable: str | None = None) -> dict:
+    """Rank the adaptation candidates with every unsupervised scorer and compare each pick with the oracle.
+
+    The picks depend only on ``candidate.arrays`` (no target label); ``candidate.target_auc``, which does use
+    the target's labels, only gives the oracle and the AUC columns, for reporting.
+
+    Args:
+        candidates: every (method, epoch) candidate, in stage order (ties go to the earlier one).
+        scorer: the score whose pick is the stage's chosen model (``AdaptConfig.selection_scorer``).
+        seed: random state of the DEV / IWCV domain classifier's folds.
+        not_evaluated: candidates that could not be evaluated, ``{"method", "epoch", "reason"}`` each.
+        oracle_unavailable: why no candidate has a target AUC, when none has.
+
+    Returns:
+        The ``adapt/selection.json`` payload (documented in :func:`run_adapt`).
+
+    Raises:
+        ValueError: when no candidate has a finite ``scorer`` score.
+    """
+    by_name = {c.name: c for c in candidates}
+    try:
+        selector = UnsupervisedSelector(scorer=scorer, seed=seed).fit({c.name: c.arrays for c in candidates})
+    except ValueError as exc:
+        raise ValueError(f"adapt: unsupervised selection failed: {exc}. Set adapt.selection_scorer to another "
+                         "scorer, or raise data.val_fraction so the source validation split (which dev and iwcv "
+                         "need) has more images") from exc
+    auc = {c.name: c.target_auc for c in candidates}
+    finite_auc = [c for c in candidates if np.isfinite(c.target_auc)]
+    oracle_c = max(finite_auc, key=lambda c: c.target_auc) if finite_auc else None  # max keeps the first of ties
+
+    def where(c: AdaptCandidate) -> dict:
+        return {"candidate": c.name, "method": c.method, "epoch": c.epoch}
+
+    picks = {}
+    for score in UNSUPERVISED_SCORES:
+        name = selector.picks_[score]
+        if name is None:
+            reasons = sorted({r[score] for r in selector.nan_reasons_.values() if score in r})
+            picks[score] = {"candidate": None, "method": None, "epoch": None,
+                            "reason": "no candidate has this score: " + "; ".join(reasons)}
+            continue
+        ranking = selector.rankings_[score]
+        picks[score] = {**where(by_name[name]), "score": float(selector.scores_.loc[name, score]),
+                        "target_auc": _finite_or_none(auc[name]),
+                        "auc_gap_to_oracle": (_finite_or_none(oracle_c.target_auc - auc[name])
+                                              if oracle_c is not None else None),
+                        "oracle_rank": ranking.index(oracle_c.name) + 1 if oracle_c is not None else None}
+    if oracle_c is not None:
+        oracle = {**where(oracle_c), "target_auc": oracle_c.target_auc, "uses_target_labels": True}
+    else:
+        oracle = {"candidate": None, "method": None, "epoch": None, "target_auc": None, "uses_target_labels": True,
+                  "reason": oracle_unavailable or "no candidate has a defined target AUC"}
+    table = [{**where(c), "final": c.final, "chosen": c.name == selector.best_,
+              **{score: _finite_or_none(selector.scores_.loc[c.name, score]) for score in UNSUPERVISED_SCORES},
+              "target_auc": _finite_or_none(c.target_auc), "not_scored": selector.nan_reasons_.get(c.name, {})}
+             for c in candidates]
+    best = by_name[selector.best_]
+    first = candidates[0].arrays
+    # DEV's control variate can push its estimate below zero when the importance weights are extreme (few source
+    # validation images, separable domains); a non-negative loss has no negative risk, so say so next to the pick
+    warnings = [f"{c.name}: the DEV estimate is a negative risk ({-selector.scores_.loc[c.name, 'dev']:.3g}), "
+                "impossible for a non-negative loss: its importance weights are degenerate (too few source "
+                "validation images for the feature dimension); do not trust dev (nor iwcv) here"
+                for c in candidates if selector.scores_.loc[c.name, "dev"] > 0]
+    return {
+        "note": SELECTION_NOTE,
+        "scorer": scorer,
+        "higher_is_better": True,
+        "chosen": {**where(best), "scorer": scorer, "score": picks[scorer]["score"],
+                   "target_auc": _finite_or_none(best.target_auc), "weights": "chosen.safetensors"},
+        "picks": picks,
+        "oracle": oracle,
+        "candidates": table,
+        "rankings": selector.rankings_,
+        "not_evaluated": list(not_evaluated or []),
+        "warnings": warnings,
+        "inputs": {"target_unlabeled_images": len(first["target_probabilities"]),
+                   "source_val_images": len(first.get("source_val_losses", ())),
+                   "feature_dim": int(first["target_features"].shape[1])},
+    }
+
+
 def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
-    """Adapt the fine-tuned model to the target hospital's unlabeled images; every method gets the same
-    budget, and ``source_only`` is the same training with the zero plugin."""
+    """Adapt the fine-tuned model to the target hospital's unlabeled images, and choose among the adapted
+    models without the target's labels.
+
+    Every method gets the same budget, and ``source_only`` is the same training with the zero plugin. Each
+    method's model after every epoch (AdaBN: its one model) is a *candidate*; the unsupervised scorers of
+    :mod:`medtl.select.unsupervised` (entropy, snd, dev, iwcv; higher is better) rank all candidates, from one
+    inference pass per candidate over the target's unlabeled images and the source hospitals' validation split
+    (``split == "val"``). The pick of ``cfg.selection_scorer`` is the stage's chosen model. The *oracle* (the
+    candidate with the best AUC on the target's labeled images) uses target labels and is computed offline, for
+    reporting only: no pick reads a target label.
+
+    Writes to ``ws.adapt``:
+
+    * ``<method>.safetensors`` and ``predictions.parquet``: each method's final model and its predictions on
+      :func:`evaluation_rows` (column ``model`` = method), unchanged by selection.
+    * ``candidates/<method>-epoch<k>.safetensors``: every trained candidate's weights (one model file each;
+      AdaBN's candidate is ``adabn.safetensors`` itself). A later call whose ``fit`` resumes a checkpoint takes
+      the epochs it does not retrain back from here.
+    * ``chosen.safetensors``: the chosen candidate's weights (metadata: method, epoch, scorer, score, backbone,
+      num_classes); :func:`load_adapted` loads it.
+    * ``selection.json`` (JSON has no NaN: undefined numbers are null)::
+
+        note            what the scorers see, and that the oracle uses labels for reporting only
+        scorer          cfg.selection_scorer
+        higher_is_better  true, for every score
+        chosen          {candidate, method, epoch, scorer, score, target_auc, weights: "chosen.safetensors"}
+        picks           {entropy|snd|dev|iwcv: {candidate, method, epoch, score, target_auc,
+                         auc_gap_to_oracle (oracle AUC - this pick's), oracle_rank (1 = the scorer ranks the
+                         oracle first)}}; a scorer no candidate has: {candidate: null, ..., reason}
+        oracle          {candidate, method, epoch, target_auc, uses_target_labels: true} (candidate null + reason
+                         when the target has no labeled images of both classes)
+        candidates      one row per candidate, in stage order: {candidate, method, epoch, final, chosen, entropy,
+                         snd, dev, iwcv, target_auc, not_scored: {score: why it is null}}
+        rankings        {score: candidate names, best first}
+        not_evaluated   [{method, epoch, reason}]: epochs a resumed run could not take back
+        warnings        [str]: e.g. a candidate whose DEV estimate is a negative risk (degenerate weights)
+        inputs          {target_unlabeled_images, source_val_images, feature_dim, target_labeled_images
+                         (oracle only)}
+
+      A candidate is named ``<method>@epoch<k>`` (``epoch`` 1-based), or ``adabn`` (``epoch`` null).
+    * ``summary.json``: ``target_hospital``, ``methods``, ``reg``, ``target_auc`` (each method's final model),
+      ``details`` (per method), ``chosen`` ``{method, epoch, scorer}`` and ``selection`` (the short form:
+      ``scorer``, ``chosen``, ``picks`` and ``oracle`` as ``{method, epoch, target_auc}``,
+      ``n_candidates``, ``file: "selection.json"``).
+
+    Args:
+        cfg: the adapt section (methods, reg, selection_scorer, train).
+        data: the data section (which hospitals are source and target).
+        ws: the run's workspace; needs the fine-tune stage's model.
+
+    Returns:
+        ``{"target_hospital", "target_auc", "chosen", "selection"}`` as in ``summary.json``.
+
+    Raises:
+        ValueError: when the target has no unlabeled images, or no candidate has a finite
+            ``cfg.selection_scorer`` score.
+    """
     manifest = load_split_manifest(ws, data)
     base, card = load_finetuned(ws)
     source = manifest[(manifest["role"] == "source") & (manifest["split"] == "train")]
@@ -292,24 +885,33 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     if len(target) == 0:
         raise ValueError(f"hospital {data.target_hospital!r} has no unlabeled images to adapt on")
     eval_rows = evaluation_rows(manifest)
-    predictions, summary = [], {}
+    evaluate = _CandidateEvaluator(
+        target, manifest[(manifest["role"] == "source") & (manifest["split"] == "val")],
+        manifest[(manifest["role"] == "target") & manifest["label"].notna()], base, data, device=cfg.train.device)
+    predictions, summary, candidates, not_evaluated = [], {}, [], []
     for method in cfg.methods:
         model = copy.deepcopy(base)
         if method == "adabn":
             n_bn = recompute_batchnorm_statistics(
                 model, (b["image"] for b in _eval_loader(target, model, data)))
             summary[method] = {"batchnorm_layers": n_bn, "target_images": len(target)}
+            arrays, auc = evaluate(model)
+            candidates.append(AdaptCandidate(method, None, True, ws.adapt / f"{method}.safetensors", arrays, auc))
         elif method == "tent":
             # target images only, un-augmented as at test time; BatchNorm affine parameters are all that train
             params = tent_parameters(model, track_target_statistics=True)
             t = eval_transform(data.spatial_dims, data.image_size, model.cfg.mean, model.cfg.std)
             loader = make_loader(_dataset(target, t), cfg.train.batch_size, shuffle=True,
                                  num_workers=data.num_workers, drop_last=len(target) > cfg.train.batch_size)
+            extra = {"method": method, "base": card["backbone"]}
+            recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, EntropyMinimisation(), loader, cfg.train, param_groups=[{"params": params}],
-                         checkpoint_dir=ws.adapt / "checkpoints" / method,
-                         fingerprint_extra={"method": method, "base": card["backbone"]}, description="adapt tent")
+                         checkpoint_dir=ws.adapt / "checkpoints" / method, callbacks=[recorder],
+                         fingerprint_extra=extra, description="adapt tent")
             summary[method] = {"history": result.history, "seconds": result.seconds,
                                "trained_parameters": sum(p.numel() for p in params)}
+            candidates += recorder.collect(len(result.history), model, base)
+            not_evaluated += recorder.missing
         else:
             plugin = build_adaptation_loss(method, model.num_features)
             if plugin.uses_strong_view:
@@ -320,25 +922,75 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             else:
                 target_loader = _train_loader(target, model, data, cfg.train.batch_size)
             loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size), target_loader)
+            extra = {"method": method, "base": card["backbone"], "reg": cfg.reg}
+            recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, TaskWithAdaptation(plugin, reg=cfg.reg), loader, cfg.train,
-                         checkpoint_dir=ws.adapt / "checkpoints" / method,
-                         fingerprint_extra={"method": method, "base": card["backbone"], "reg": cfg.reg},
-                         description=f"adapt {method}")
+                         checkpoint_dir=ws.adapt / "checkpoints" / method, callbacks=[recorder],
+                         fingerprint_extra=extra, description=f"adapt {method}")
             summary[method] = {"history": result.history, "seconds": result.seconds}
+            candidates += recorder.collect(len(result.history), model, base)
+            not_evaluated += recorder.missing
         atomic_save_tensors(model.state_dict(), ws.adapt / f"{method}.safetensors", {"method": method})
         predictions.append(_predict_all(model, eval_rows, data, method))
     frame = pd.concat(predictions, ignore_index=True)
     _write_parquet(frame, ws.adapt / "predictions.parquet")
     target_auc = {m: binary_metrics(g["label"].to_numpy(), g["prob"].to_numpy(), n_bootstrap=0)["auc"]["value"]
                   for m, g in frame[frame["role"] == "target"].groupby("model")}
+
+    selection = select_adapted(candidates, cfg.selection_scorer, seed=cfg.train.seed, not_evaluated=not_evaluated,
+                               oracle_unavailable=evaluate.oracle_unavailable)
+    selection["target_hospital"] = data.target_hospital
+    selection["inputs"]["target_labeled_images"] = evaluate.n_target_labeled
+    chosen = next(c for c in candidates if c.name == selection["chosen"]["candidate"])
+    atomic_save_tensors(load_file(str(chosen.weights)), ws.adapt / "chosen.safetensors",
+                        {"method": chosen.method, "epoch": json.dumps(chosen.epoch), "scorer": cfg.selection_scorer,
+                         "score": repr(selection["chosen"]["score"]), "backbone": card["backbone"],
+                         "num_classes": str(card["num_classes"])})
+    _write_json(ws.adapt / "selection.json", selection)
+    short = {"scorer": cfg.selection_scorer,
+             "chosen": {k: selection["chosen"][k] for k in ("method", "epoch", "scorer")},
+             "picks": {s: {k: p.get(k) for k in ("method", "epoch", "target_auc")}
+                       for s, p in selection["picks"].items()},
+             "oracle": {k: selection["oracle"][k] for k in ("method", "epoch", "target_auc")},
+             "n_candidates": len(candidates), "file": "selection.json"}
     _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital, "methods": cfg.methods,
-                                            "reg": cfg.reg, "target_auc": target_auc, "details": summary})
+                                            "reg": cfg.reg, "target_auc": target_auc, "details": summary,
+                                            "chosen": short["chosen"], "selection": short})
     log.info("adapt: target AUC %s", ", ".join(f"{m}={a:.3f}" for m, a in target_auc.items()))
-    return {"target_hospital": data.target_hospital, "target_auc": target_auc}
+    log.info("adapt: unsupervised picks %s; chosen %s by %s; oracle (uses target labels, reporting only) %s",
+             ", ".join(f"{s}={p['candidate']}" for s, p in selection["picks"].items()),
+             selection["chosen"]["candidate"], cfg.selection_scorer, selection["oracle"]["candidate"])
+    return {"target_hospital": data.target_hospital, "target_auc": target_auc, "chosen": short["chosen"],
+            "selection": short}
+
+
+def load_adapted(ws: Workspace) -> tuple[Backbone, dict]:
+    """The adaptation stage's chosen model (``adapt/chosen.safetensors``) and what selection says of it.
+
+    Args:
+        ws: a workspace where :func:`run_adapt` ran.
+
+    Returns:
+        The model in eval mode and ``{"method", "epoch", "scorer", "score", "backbone", "num_classes"}``.
+    """
+    path = ws.adapt / "chosen.safetensors"
+    meta = _tensor_metadata(path)
+    if "backbone" not in meta:
+        raise FileNotFoundError(f"{path} not found or not written by run_adapt: run `medtl adapt` first")
+    info = {"method": meta["method"], "epoch": json.loads(meta["epoch"]), "scorer": meta["scorer"],
+            "score": float(meta["score"]), "backbone": meta["backbone"], "num_classes": int(meta["num_classes"])}
+    model = create_backbone(info["backbone"], num_classes=info["num_classes"], weights_dir=ws.weights)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), info
 
 
 def run_report(config: PipelineConfig, ws: Workspace) -> dict:
-    """Per-hospital validation report (HTML + JSON) from the fine-tune and adapt stages' predictions."""
+    """Validation report (HTML, PDF and JSON) from the fine-tune and adapt stages' predictions and the workspace.
+
+    The context comes from the manifest (cohort, content hashes, image statistics for the shift diagnostics,
+    failure-example arrays), the ingest ledger, the select ranking, the fine-tune card (with its
+    negative-transfer block), the adapt summary and ``config.report`` (intended use, site limitations).
+    """
     from medtl.evaluate.report import build_report
 
     data = config.data
@@ -346,11 +998,13 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
     parts = [p for p in (ws.finetune / "predictions.parquet", ws.adapt / "predictions.parquet") if p.exists()]
     if not parts:
         raise FileNotFoundError(f"no predictions in {ws.finetune} or {ws.adapt}: run finetune (and adapt) first")
-    predictions = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    predictions = _with_image_columns(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
+                                      evaluation_rows(manifest))
     card = json.loads((ws.finetune / "model.json").read_text())
     ranking = json.loads((ws.select / "ranking.json").read_text()) if (ws.select / "ranking.json").exists() else {}
     context = {
         "title": config.report.title,
+        "intended_use": config.report.intended_use,
         "primary_model": "finetuned",
         "threshold": card["threshold"],
         "threshold_source": card["threshold_source"],
@@ -360,21 +1014,148 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
         "finetune": {k: v for k, v in card.items() if k not in ("history", "threshold_source")},
         "adaptation": {"target_hospital": data.target_hospital,
                        "methods": [m for m in config.adapt.methods if m in set(predictions["model"])],
-                       "notes": f"Every trained method continues from the fine-tuned model for "
-                                f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
-                                f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
-                                "zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics."},
-        "limitations": _limitations(config, manifest),
-        "provenance": {"medtl_version": medtl.__version__,
-                       "config_sha256": hashlib.sha256(config.model_dump_json().encode()).hexdigest(),
-                       "data_sha256": data_hash(manifest), "created_at": datetime.now(timezone.utc).isoformat()},
+                       "notes": [f"Every trained method continues from the fine-tuned model for "
+                                 f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
+                                 f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
+                                 "zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics.",
+                                 *_adapt_selection_note(ws)]},
+        "shift_diagnostics": _shift_context(manifest, data, config.report.shift_images_per_site),
+        "limitations": [*_limitations(config, manifest), *config.report.limitations],
+        "provenance": _report_provenance(config, ws, manifest),
     }
     result = build_report(predictions, context, config.report, ws.report)
-    log.info("report: %s", result.html_path)
-    return {"html": str(result.html_path), "json": str(result.json_path), "summary_markdown": result.summary_markdown}
+    log.info("report: %s%s", result.html_path, f" and {result.pdf_path}" if result.pdf_path else "")
+    return {"html": str(result.html_path), "json": str(result.json_path),
+            "pdf": str(result.pdf_path) if result.pdf_path else None, "summary_markdown": result.summary_markdown}
+
+
+# manifest columns a subgroup attribute may come from (the manifest carries none of them today)
+_SEX_COLUMNS = ("sex", "patient_sex")
+_AGE_COLUMNS = ("age", "patient_age")
+_STUDY_DATE_COLUMNS = ("study_date",)
+
+
+def _with_image_columns(predictions: pd.DataFrame, eval_rows: pd.DataFrame) -> pd.DataFrame:
+    """Attach each prediction's stored array, de-identified image id, vendor and (when recorded) sex and age.
+
+    :func:`_predict_all` writes one block per model over ``evaluation_rows(manifest)`` in manifest order, so a
+    block lines up row by row with ``eval_rows``. That is checked on hospital, patient and label; a block that
+    does not line up (the manifest changed after the model was evaluated) keeps no image columns, and the report
+    then shows its failure examples as unavailable instead of someone else's image.
+
+    Args:
+        predictions: the concatenated prediction files.
+        eval_rows: ``evaluation_rows`` of the current split manifest.
+
+    Returns:
+        ``predictions`` with ``image``, ``image_id`` (the array's file stem: the de-identified SOP or series UID)
+        and ``vendor`` columns, plus ``sex`` / ``age`` when the manifest records them.
+    """
+    attributes = {"image": eval_rows["image"].astype(str).to_numpy(),
+                  "image_id": [Path(path).stem for path in eval_rows["image"]],
+                  "vendor": eval_rows["vendor"].astype(str).to_numpy()}
+    for name, columns in (("sex", _SEX_COLUMNS), ("age", _AGE_COLUMNS)):
+        column = next((c for c in columns if c in eval_rows.columns), None)
+        if column is not None:
+            attributes[name] = eval_rows[column].to_numpy()
+    keys = (eval_rows["hospital"].astype(str).to_numpy(), eval_rows["patient_id"].astype(str).to_numpy(),
+            eval_rows["label"].astype(int).to_numpy())
+    blocks = []
+    for model, block in predictions.groupby("model", sort=False):
+        aligned = len(block) == len(eval_rows) and all(
+            np.array_equal(block[c].astype(t).to_numpy(), k)
+            for c, t, k in zip(("hospital", "patient_id", "label"), (str, str, int), keys))
+        if aligned:
+            block = block.assign(**attributes)
+        else:
+            log.warning("report: predictions of %s do not line up with the current manifest (re-ingested since "
+                        "they were written?); re-run finetune/adapt to get its failure examples", model)
+        blocks.append(block)
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _adapt_selection_note(ws: Workspace) -> list[str]:
+    """One sentence on the adapt stage's unsupervised model choice, when its summary records one."""
+    path = ws.adapt / "summary.json"
+    chosen = json.loads(path.read_text()).get("chosen") if path.exists() else None
+    if not isinstance(chosen, dict) or not chosen.get("method"):
+        return []
+    epoch = f" (epoch {chosen['epoch']})" if chosen.get("epoch") is not None else ""  # AdaBN trains no epochs
+    return [f"Without target labels, the {chosen.get('scorer', 'unsupervised')} score chose {chosen['method']}"
+            f"{epoch} as the adapted model to deploy."]
+
+
+def _shift_context(manifest: pd.DataFrame, data: DataConfig, images_per_site: int) -> dict:
+    """Shift diagnostics of every hospital against the source hospitals, on image statistics of the stored arrays.
+
+    Args:
+        manifest: the split manifest (with ``role``).
+        data: names the source (reference) hospitals.
+        images_per_site: at most this many images per hospital, drawn with a fixed seed.
+
+    Returns:
+        :func:`medtl.evaluate.shift.shift_diagnostics` output plus ``images_per_site`` and ``unreadable``.
+    """
+    from medtl.evaluate.shift import image_statistics, shift_diagnostics
+
+    sample = pd.concat([rows if len(rows) <= images_per_site else rows.sample(n=images_per_site, random_state=0)
+                        for _, rows in manifest.groupby("hospital", sort=True)])
+    features, hospitals, unreadable = [], [], 0
+    for path, hospital in zip(sample["image"], sample["hospital"]):
+        try:
+            features.append(image_statistics(np.load(path, allow_pickle=False)))
+        except (OSError, ValueError) as exc:  # one damaged array must not cost the whole report
+            log.warning("report: shift diagnostics skip %s: %s", Path(path).name, exc)
+            unreadable += 1
+            continue
+        hospitals.append(hospital)
+    result = shift_diagnostics(np.stack(features), np.asarray(hospitals), list(data.source_hospitals))
+    return {**result, "images_per_site": images_per_site, "unreadable": unreadable}
+
+
+def _report_provenance(config: PipelineConfig, ws: Workspace, manifest: pd.DataFrame) -> dict:
+    """Code version, configuration and data hashes, and per-hospital content hash and study dates."""
+    sites = []
+    for hospital, rows in manifest.groupby("hospital", sort=True):
+        column = next((c for c in _STUDY_DATE_COLUMNS if c in rows.columns), None)
+        dates = pd.to_datetime(rows[column], errors="coerce").dropna() if column else pd.Series(dtype="datetime64[ns]")
+        sites.append({"hospital": hospital, "content_sha256": data_hash(rows),
+                      "study_dates": (f"{dates.min():%Y-%m-%d} to {dates.max():%Y-%m-%d}" if len(dates) else None)})
+    return {"medtl_version": medtl.__version__, "git_commit": _git_commit(),
+            "config_sha256": hashlib.sha256(config.model_dump_json().encode()).hexdigest(),
+            "data_sha256": data_hash(manifest),
+            "ingested_at": datetime.fromtimestamp(ws.manifest.stat().st_mtime, timezone.utc).isoformat(
+                timespec="seconds"),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sites": sites}
+
+
+def _git_commit() -> str | None:
+    """The commit of the medtl checkout that runs (``-dirty`` with uncommitted changes); None when medtl is not
+    run from its own git checkout (an installed wheel, or git missing)."""
+    import subprocess
+
+    root = Path(medtl.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # a wheel installed inside some other repository must not report that repository's commit
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return None
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _cohort_table(manifest: pd.DataFrame) -> list[dict]:
+    """One row per hospital, source hospitals first, then the target, then external ones (the report's order)."""
     rows = []
     for hospital, g in manifest.groupby("hospital", sort=True):
         labeled = g[g["label"].notna()]
@@ -382,7 +1163,8 @@ def _cohort_table(manifest: pd.DataFrame) -> list[dict]:
                      "model": g["model"].iloc[0], "n_images": len(g), "n_patients": g["patient_id"].nunique(),
                      "n_labeled": len(labeled),
                      "prevalence": float(labeled["label"].astype(float).mean()) if len(labeled) else None})
-    return rows
+    roles = ("source", "target", "external")
+    return sorted(rows, key=lambda row: (roles.index(row["role"]), row["hospital"]))
 
 
 def _ingest_accounting(ws: Workspace) -> dict:
@@ -401,6 +1183,11 @@ def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
              "hospitals show how well it transfers, not a re-tuned operating point.",
              "Confidence intervals are patient-level bootstrap percentile intervals "
              f"({config.report.n_bootstrap} resamples); small hospitals give wide intervals."]
+    unrecorded = [name for name, columns in (("sex", _SEX_COLUMNS), ("age", _AGE_COLUMNS))
+                  if not any(c in manifest.columns for c in columns)]
+    if unrecorded:
+        notes.append(f"Patient {' and '.join(unrecorded)} are not recorded in the manifest, so performance could "
+                     "not be checked across them.")
     if config.ingest.uses_synthetic_cohort:
         notes.insert(0, "Data are the embedded SYNTHETIC cohort (medtl synth): these figures validate the "
                         "pipeline, not a clinical model.")

@@ -1,40 +1,61 @@
-"""Per-hospital clinical validation report: one self-contained HTML page for reviewers, a JSON twin
-for machines, and a short markdown summary for the orchestrator to publish.
+"""Per-hospital clinical validation report: a self-contained HTML page for reviewers, the same content as PDF,
+a JSON twin for machines, and a short markdown summary for the orchestrator to publish.
 
 Every number in the report comes from :mod:`medtl.evaluate.metrics` (patient-level bootstrap CIs).
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, so no global
 backend state) and embedded as base64 PNG.
+
+The report has fixed sections (:data:`REQUIRED_SECTIONS`): summary, intended use, data provenance, model
+development with the negative-transfer check, per-hospital performance with ROC and calibration figures, the
+operating point, subgroups, shift between hospitals, adaptation, failure examples, limitations and a map to the
+TRIPOD+AI reporting items. :func:`validate_report` refuses a report dict that lacks any of them, so a report
+that reaches a reviewer is never silently incomplete.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import io
 import json
+import logging
 import math
 import os
+import shutil
+import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from sklearn.metrics import roc_curve
 
-from medtl.config import ReportConfig
+from medtl.config import REPORT_DEFAULT_MARKER, ReportConfig
 from medtl.evaluate.metrics import METRIC_NAMES, auc_difference, binary_metrics, calibration_curve
 
+log = logging.getLogger("medtl")
+
 PREDICTION_COLUMNS: tuple[str, ...] = ("model", "hospital", "role", "patient_id", "label", "prob")
+OPTIONAL_PREDICTION_COLUMNS: tuple[str, ...] = ("image", "image_id", "vendor", "sex", "age")
+"""``image``: path of the preprocessed array (``.npy``) for failure-example thumbnails; ``image_id``: its
+de-identified id shown in the report (default: a hash of ``image``, never the path); ``vendor`` / ``sex`` /
+``age`` (years, or a DICOM age string such as ``"045Y"``): subgroup attributes."""
 ROLES: tuple[str, ...] = ("source", "target", "external")
 BASELINE_MODEL = "source_only"
 
 REQUIRED_CONTEXT: dict[str, type | tuple[type, ...]] = {
     "title": str,
+    "intended_use": str,
     "primary_model": str,
     "threshold": (int, float),
     "threshold_source": str,
@@ -43,12 +64,38 @@ REQUIRED_CONTEXT: dict[str, type | tuple[type, ...]] = {
     "backbone_ranking": list,
     "finetune": dict,
     "adaptation": dict,
+    "shift_diagnostics": dict,
     "limitations": list,
+    "provenance": dict,
 }
 COHORT_KEYS = ("hospital", "role", "vendor", "model", "n_images", "n_patients", "n_labeled", "prevalence")
 INGEST_KEYS = ("files_in", "ingested", "quarantined", "duplicates")
 RANKING_KEYS = ("backbone", "logme", "linear_probe_auc", "rank", "chosen")
 ADAPTATION_KEYS = ("target_hospital", "methods")
+PROVENANCE_KEYS = ("medtl_version", "sites")
+PROVENANCE_SITE_KEYS = ("hospital", "content_sha256", "study_dates")
+SHIFT_KEYS = ("reference", "n_reference", "features", "comparisons")
+SHIFT_COMPARISON_KEYS = ("site", "n_site", "proxy_a_distance", "domain_balanced_accuracy", "mmd2", "mmd_p_value",
+                         "differences")
+NEGATIVE_TRANSFER_KEYS = ("negative", "message")
+
+REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
+    "summary": ("paragraphs",),
+    "intended_use": ("text", "is_default"),
+    "data_provenance": ("code", "sites", "ingest"),
+    "model_development": ("backbone_ranking", "finetune"),
+    "negative_transfer": ("checked", "message"),
+    "per_hospital": (),
+    "figures": ("roc_hospitals", "calibration", "roc_adaptation"),
+    "operating_point": ("threshold", "threshold_source", "per_site"),
+    "subgroups": ("attributes",),
+    "shift_diagnostics": ("reference", "comparisons"),
+    "adaptation": ("target_hospital", "methods"),
+    "failure_examples": ("available", "false_positives", "false_negatives"),
+    "limitations": ("items",),
+    "tripod_ai": ("guideline", "items"),
+}
+"""Sections of the report dict (and report.json) → keys each must hold; checked by :func:`validate_report`."""
 
 # Review flags, not gates: the report states them, a human decides.
 MIN_AUC_CI_LOW = 0.7      # lower CI bound below this = discrimination not demonstrated at that site
@@ -57,16 +104,75 @@ MIN_PER_CLASS = 10        # fewer positives or negatives than this = CIs too wid
 
 _BOOTSTRAP_SEED = 0       # fixed so that re-rendering a report reproduces its numbers exactly
 _COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")  # Okabe-Ito
-_METRIC_LABELS = {"auc": "AUC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
-                  "specificity": "Specificity", "ece": "ECE"}
-_COLUMN_TITLES = {"rank": "Rank", "backbone": "Backbone", "logme": "LogME", "linear_probe_auc": "Linear-probe AUC",
+_COLUMN_TITLES = {"rank": "Rank", "backbone": "Backbone", "logme": "LogME", "linear_probe_auc": "Linear probe AUC",
                   "h_score": "H-score", "knn_accuracy": "k-NN accuracy", "leep": "LEEP", "nce": "NCE"}
 _ROLE_HELP = {
     "source": "training hospital, evaluated on held-out patients",
     "target": "adapted to without its labels",
     "external": "never seen in training or adaptation",
 }
+# HTML id → heading, in page order; the TRIPOD+AI map points at these ids.
+_SECTIONS: dict[str, str] = {
+    "summary": "1. Summary",
+    "intended-use": "2. Intended use",
+    "data": "3. Data provenance",
+    "model": "4. Model development",
+    "hospitals": "5. Performance per hospital",
+    "operating-point": "6. Operating point",
+    "subgroups": "7. Subgroups",
+    "shift": "8. Shift between hospitals",
+    "adaptation": "9. Adaptation to the target hospital",
+    "failures": "10. Failure examples",
+    "limitations": "11. Limitations",
+    "tripod": "12. TRIPOD+AI map",
+}
+# (item, topic, section id or None = not covered, note). Item numbers and topics follow the TRIPOD+AI checklist,
+# Collins et al., BMJ 2024;385:e078378.
+_TRIPOD_AI: tuple[tuple[str, str, str | None, str], ...] = (
+    ("1", "Title", "summary", "the report title (report.title)"),
+    ("2", "Abstract", "summary", "plain-language summary and headline AUCs"),
+    ("3a", "Healthcare context and rationale", None, "the site's to document"),
+    ("3b", "Target population, care pathway, intended users", "intended-use", ""),
+    ("3c", "Known health inequalities", "subgroups", "performance by sex and age where recorded"),
+    ("4", "Objectives (development / evaluation)", "summary", ""),
+    ("5a", "Data sources", "data", ""),
+    ("5b", "Data dates", "data", "study dates where the manifest records them"),
+    ("6a", "Setting, number and location of centres", "data", ""),
+    ("6b", "Eligibility criteria", "data", "technical exclusions (quarantine) only; clinical criteria not covered"),
+    ("6c", "Treatments received", None, "not applicable to image-based detection unless the site says otherwise"),
+    ("7", "Data preparation", "data", "ingestion, de-identification and quarantine accounting"),
+    ("8", "Outcome (definition, assessment, blinding)", None, "how the reference labels were assigned"),
+    ("9", "Predictors", "data", "the only input is the preprocessed image, fixed by the configuration hash"),
+    ("10", "Sample size", "hospitals", "images, patients and positives per hospital; no formal calculation"),
+    ("11", "Missing data", "data", "unreadable or unsafe files are quarantined and counted"),
+    ("12", "Analytical methods", "model", "selection, fine-tuning, adaptation and bootstrap statistics"),
+    ("13", "Class imbalance", "data", "prevalence per hospital"),
+    ("14", "Fairness", "subgroups", ""),
+    ("15", "Model output", "operating-point", "probability of the finding and the fixed threshold"),
+    ("16", "Training versus evaluation data", "hospitals", "roles: held-out source patients, target, external"),
+    ("17", "Ethical approval", None, ""),
+    ("18", "Open science (funding, conflicts, protocol, registration, data and code)", "data",
+     "code version and data hashes only; the rest not covered"),
+    ("19", "Patient and public involvement", None, ""),
+    ("20", "Participants (flow, characteristics)", "data", ""),
+    ("21", "Model development (participants, events)", "model", ""),
+    ("22", "Model specification", "model", ""),
+    ("23", "Model performance", "hospitals", "discrimination and calibration with CIs, also per subgroup"),
+    ("24", "Model updating", "adaptation", "unsupervised adaptation to the target hospital"),
+    ("25", "Interpretation", "summary", "automatic review flags; the clinical interpretation is the reviewer's"),
+    ("26", "Limitations", "limitations", ""),
+    ("27", "Usability in current care", "failures", "failure examples and input quarantine; workflow not covered"),
+)
+_AGE_GROUPS: tuple[tuple[float, float, str], ...] = ((0, 40, "age under 40"), (40, 65, "age 40–64"),
+                                                     (65, math.inf, "age 65 and over"))
+_SEX_LABELS = {"f": "female", "female": "female", "m": "male", "male": "male", "o": "other", "other": "other"}
+_NOT_RECORDED = "not recorded"
+_THUMBNAIL_PX = 128
 _TEMPLATES = Path(__file__).parent / "templates"
+
+
+class ReportSchemaError(ValueError):
+    """A report dict lacks a required section or a section lacks a required key."""
 
 
 @dataclass(frozen=True)
@@ -77,51 +183,92 @@ class ReportResult:
         html_path: the self-contained HTML report.
         json_path: its JSON twin (same content as ``metrics``).
         summary_markdown: headline tables in markdown, for a Prefect markdown artifact.
-        metrics: every computed metric with CIs plus the context, JSON-ready (NaN stored as None).
+        metrics: every section of the report plus the context, JSON-ready (NaN stored as None).
+        pdf_path: the PDF version, or None when it was disabled or no renderer worked (logged as a warning).
+        pdf_renderer: what drew the PDF (``"xhtml2pdf"`` or ``"chromium"``), None without a PDF.
     """
 
     html_path: Path
     json_path: Path
     summary_markdown: str
     metrics: dict
+    pdf_path: Path | None = None
+    pdf_renderer: str | None = None
 
 
 def build_report(predictions: pd.DataFrame, context: dict, cfg: ReportConfig, out_dir: Path) -> ReportResult:
-    """Compute per-hospital and adaptation metrics and write ``report.html`` and ``report.json``.
+    """Compute every report section and write ``report.html``, ``report.json`` and (best effort) ``report.pdf``.
 
     Args:
         predictions: one row per evaluated image with columns ``model`` (e.g. "source_only"),
             ``hospital``, ``role`` ("source" / "target" / "external"), ``patient_id``, ``label`` (0/1)
-            and ``prob`` (predicted P(label = 1)).
+            and ``prob`` (predicted P(label = 1)); optionally :data:`OPTIONAL_PREDICTION_COLUMNS`
+            (image paths for failure examples, subgroup attributes). Patient ids are used only to
+            resample patients; they never appear in the outputs.
         context: run facts shown in the report; required keys are :data:`REQUIRED_CONTEXT`
             (``cohort`` entries need :data:`COHORT_KEYS`, ``ingest`` needs :data:`INGEST_KEYS`,
             ``backbone_ranking`` entries need :data:`RANKING_KEYS`, ``adaptation`` needs
-            :data:`ADAPTATION_KEYS`); optional: ``provenance`` (dict), ``adaptation.notes``,
-            ``ingest.quarantine_reasons`` (reason -> count).
-        cfg: bootstrap size, confidence level and calibration bins (the title shown is
-            ``context['title']``, typically set from ``cfg.title``).
+            :data:`ADAPTATION_KEYS`, ``provenance`` needs :data:`PROVENANCE_KEYS` with one
+            :data:`PROVENANCE_SITE_KEYS` entry per cohort hospital, ``shift_diagnostics`` is
+            :func:`medtl.evaluate.shift.shift_diagnostics` output); optional: ``provenance.git_commit``
+            and other provenance facts, ``adaptation.notes``, ``ingest.quarantine_reasons`` (reason → count),
+            ``finetune.negative_transfer`` (``{checked, transfer_val_auc, scratch_val_auc, delta, negative,
+            message, fallback_applied}``).
+        cfg: bootstrap size, confidence level, calibration bins, number of failure examples and whether to
+            write a PDF (the title shown is ``context['title']``, typically set from ``cfg.title``).
         out_dir: folder to write into (created when missing); existing reports are replaced atomically.
 
     Returns:
-        :class:`ReportResult` with both paths, the markdown summary and the metrics dict.
+        :class:`ReportResult` with the paths, the markdown summary and the report dict.
 
     Raises:
         ValueError: naming the missing / malformed context key or prediction column.
+        ReportSchemaError: naming a report section that came out missing (a bug, never the user's input).
     """
     ctx = _validate_context(context)
     preds = _validate_predictions(predictions, ctx)
     metrics = _compute(preds, ctx, cfg)
-    figures = _figures(preds, metrics, cfg)
+    metrics["figures"] = _figures(preds, metrics, cfg)
+    payload = _jsonable({**metrics, "context": ctx})
+    validate_report(payload)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, json_path = out_dir / "report.html", out_dir / "report.json"
-    payload = _jsonable({**metrics, "context": ctx})
-    html = _render_html(metrics, ctx, figures)  # render before writing either file: both or neither
+    html_path, json_path, pdf_path = out_dir / "report.html", out_dir / "report.json", out_dir / "report.pdf"
+    html = _render_html(metrics, ctx, pdf=False)  # render before writing either file: both or neither
+    pdf_html = _render_html(metrics, ctx, pdf=True) if cfg.pdf else None
     _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False))
     _write_atomic(html_path, html)
-    return ReportResult(html_path=html_path, json_path=json_path,
-                        summary_markdown=_summary_markdown(metrics), metrics=payload)
+    renderer = _write_pdf(pdf_html, html_path, pdf_path) if pdf_html is not None else None
+    if renderer is None:
+        pdf_path.unlink(missing_ok=True)  # a PDF left from an earlier run would contradict report.json
+    return ReportResult(html_path=html_path, json_path=json_path, summary_markdown=_summary_markdown(metrics),
+                        metrics=payload, pdf_path=pdf_path if renderer else None, pdf_renderer=renderer)
+
+
+def validate_report(report: dict) -> None:
+    """Check that a report dict (e.g. a loaded report.json) holds every section a reviewer signs off.
+
+    Args:
+        report: the dict :func:`build_report` returns as ``metrics`` and writes as report.json.
+
+    Raises:
+        ReportSchemaError: naming the first missing section, or the missing key of a section.
+    """
+    if not isinstance(report, dict):
+        raise ReportSchemaError(f"a report must be a dict of sections, got {type(report).__name__}")
+    for section, keys in REQUIRED_SECTIONS.items():
+        if report.get(section) is None:
+            raise ReportSchemaError(
+                f"report is missing required section {section!r}; a report for sign-off needs all of "
+                f"{', '.join(REQUIRED_SECTIONS)}. Generate it with medtl.evaluate.build_report (medtl report).")
+        value = report[section]
+        if not isinstance(value, dict) or not value:
+            raise ReportSchemaError(f"report section {section!r} must be a non-empty dict, got {value!r:.80}")
+        for key in keys:
+            if key not in value:
+                raise ReportSchemaError(f"report section {section!r} is missing key {key!r} "
+                                        f"(needs {', '.join(keys)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +286,9 @@ def _validate_context(context: dict) -> dict:
             raise ValueError(f"context[{key!r}] must be {names}, got {type(value).__name__}")
     if not math.isfinite(context["threshold"]):
         raise ValueError("context['threshold'] must be a finite number (the source-validation operating point)")
+    if not context["intended_use"].strip():
+        raise ValueError("context['intended_use'] is empty; state who uses the model, on which patients, for what "
+                         "decision (report.intended_use in the configuration)")
     for i, row in enumerate(context["cohort"]):
         _require_keys(row, COHORT_KEYS, f"context['cohort'][{i}]")
     _require_keys(context["ingest"], INGEST_KEYS, "context['ingest']")
@@ -155,9 +305,41 @@ def _validate_context(context: dict) -> dict:
     methods = context["adaptation"]["methods"]
     if not isinstance(methods, list) or not methods:
         raise ValueError("context['adaptation']['methods'] must be a non-empty list of model names")
-    if "provenance" in context and not isinstance(context["provenance"], dict):
-        raise ValueError("context['provenance'] must be a dict (e.g. config hash, medtl version, created_at)")
+    _validate_provenance(context)
+    _validate_shift(context["shift_diagnostics"])
+    block = context["finetune"].get("negative_transfer")
+    if block is not None:
+        if not isinstance(block, dict):
+            raise ValueError("context['finetune']['negative_transfer'] must be a dict {checked, transfer_val_auc, "
+                             f"scratch_val_auc, delta, negative, message, fallback_applied}}, got {block!r:.80}")
+        if block.get("checked", True):
+            _require_keys(block, NEGATIVE_TRANSFER_KEYS, "context['finetune']['negative_transfer']")
+    for i, item in enumerate(context["limitations"]):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"context['limitations'][{i}] must be a non-empty sentence, got {item!r}")
     return context
+
+
+def _validate_provenance(context: dict) -> None:
+    provenance = context["provenance"]
+    _require_keys(provenance, PROVENANCE_KEYS, "context['provenance']")
+    if not isinstance(provenance["sites"], list):
+        raise ValueError("context['provenance']['sites'] must be a list with one entry per hospital")
+    for i, row in enumerate(provenance["sites"]):
+        _require_keys(row, PROVENANCE_SITE_KEYS, f"context['provenance']['sites'][{i}]")
+    recorded = {row["hospital"] for row in provenance["sites"]}
+    for row in context["cohort"]:
+        if row["hospital"] not in recorded:
+            raise ValueError(f"context['provenance']['sites'] has no entry for hospital {row['hospital']!r}; every "
+                             "cohort hospital needs its content hash and study dates (None = not recorded)")
+
+
+def _validate_shift(shift: dict) -> None:
+    _require_keys(shift, SHIFT_KEYS, "context['shift_diagnostics']")
+    if not isinstance(shift["comparisons"], list):
+        raise ValueError("context['shift_diagnostics']['comparisons'] must be a list (shift_diagnostics output)")
+    for i, row in enumerate(shift["comparisons"]):
+        _require_keys(row, SHIFT_COMPARISON_KEYS, f"context['shift_diagnostics']['comparisons'][{i}]")
 
 
 def _require_keys(obj: Any, keys: tuple[str, ...], where: str) -> None:
@@ -172,7 +354,8 @@ def _validate_predictions(predictions: pd.DataFrame, ctx: dict) -> pd.DataFrame:
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions is missing column {missing[0]!r} (needs {', '.join(PREDICTION_COLUMNS)})")
-    preds = predictions.loc[:, list(PREDICTION_COLUMNS)].copy()
+    optional = [c for c in OPTIONAL_PREDICTION_COLUMNS if c in predictions.columns]
+    preds = predictions.loc[:, [*PREDICTION_COLUMNS, *optional]].copy()
     if preds["label"].isna().any():
         raise ValueError("predictions['label'] has missing values; drop unlabeled images before the report")
     if preds["prob"].isna().any():
@@ -183,6 +366,10 @@ def _validate_predictions(predictions: pd.DataFrame, ctx: dict) -> pd.DataFrame:
         preds[column] = preds[column].astype(str)
     preds["label"] = preds["label"].astype("int64")
     preds["prob"] = preds["prob"].astype("float64")
+    if "image" in preds and "image_id" not in preds:
+        # A hash, not the file name: a caller's file names may carry identifiers.
+        preds["image_id"] = [None if _missing(p) else "img-" + hashlib.sha256(str(p).encode()).hexdigest()[:16]
+                             for p in preds["image"]]
     bad_roles = sorted(set(preds["role"]) - set(ROLES))
     if bad_roles:
         raise ValueError(f"predictions['role'] has unknown values {bad_roles}; use one of {', '.join(ROLES)}")
@@ -211,6 +398,15 @@ def _validate_predictions(predictions: pd.DataFrame, ctx: dict) -> pd.DataFrame:
     return preds
 
 
+def _missing(value: Any) -> bool:
+    """None, NaN, pd.NA or a blank string."""
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
@@ -221,13 +417,22 @@ def _hospital_order(preds: pd.DataFrame, ctx: dict) -> list[str]:
     return sorted(site_role.index, key=lambda h: (cohort_pos.get(h, len(cohort_pos)), ROLES.index(site_role[h]), h))
 
 
+def _bootstrap(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dict:
+    return binary_metrics(rows["label"].to_numpy(), rows["prob"].to_numpy(), threshold=threshold,
+                          groups=rows["patient_id"].to_numpy(), n_bootstrap=cfg.n_bootstrap,
+                          confidence=cfg.confidence, n_bins=cfg.calibration_bins, seed=_BOOTSTRAP_SEED)
+
+
 def _evaluate(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dict:
-    result = binary_metrics(rows["label"].to_numpy(), rows["prob"].to_numpy(), threshold=threshold,
-                            groups=rows["patient_id"].to_numpy(), n_bootstrap=cfg.n_bootstrap,
-                            confidence=cfg.confidence, n_bins=cfg.calibration_bins, seed=_BOOTSTRAP_SEED)
+    result = _bootstrap(rows, threshold, cfg)
     curve = calibration_curve(rows["label"].to_numpy(), rows["prob"].to_numpy(), cfg.calibration_bins)
     result["calibration"] = {"mean_predicted": curve.mean_predicted, "observed_frequency": curve.observed_frequency,
                              "counts": curve.counts, "bin_edges": curve.bin_edges}
+    if 0 < result["n_positive"] < result["n"]:
+        fpr, tpr, cuts = roc_curve(rows["label"].to_numpy(), rows["prob"].to_numpy())
+        result["roc"] = {"fpr": fpr, "tpr": tpr, "thresholds": cuts}  # the figure's data, for re-plotting
+    else:
+        result["roc"] = None
     return result
 
 
@@ -236,10 +441,11 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
     primary = ctx["primary_model"]
     target = ctx["adaptation"]["target_hospital"]
     site_role = preds.groupby("hospital")["role"].first().to_dict()
+    primary_rows = preds[preds["model"] == primary]
 
     per_hospital: dict[str, dict] = {}
     for hospital in _hospital_order(preds, ctx):
-        rows = preds[(preds["model"] == primary) & (preds["hospital"] == hospital)]
+        rows = primary_rows[primary_rows["hospital"] == hospital]
         if len(rows):
             per_hospital[hospital] = {"role": site_role[hospital], **_evaluate(rows, threshold, cfg)}
 
@@ -263,12 +469,14 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
     if BASELINE_MODEL in methods:
         baseline_auc = methods[BASELINE_MODEL]["auc"]
     elif len(baseline):
-        baseline_auc = _evaluate(baseline, threshold, cfg)["auc"]
+        baseline_auc = _bootstrap(baseline, threshold, cfg)["auc"]
     else:
         baseline_auc = None
 
+    limitations = [{"text": item.removeprefix(REPORT_DEFAULT_MARKER).strip(),
+                    "default": item.startswith(REPORT_DEFAULT_MARKER)} for item in ctx["limitations"]]
     metrics = {
-        "schema_version": 1,
+        "schema_version": 2,
         "title": ctx["title"],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"threshold": threshold, "threshold_source": ctx["threshold_source"],
@@ -276,17 +484,192 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
                      "calibration_bins": cfg.calibration_bins, "bootstrap_unit": "patient",
                      "bootstrap_seed": _BOOTSTRAP_SEED},
         "primary_model": primary,
+        "intended_use": {"text": ctx["intended_use"].removeprefix(REPORT_DEFAULT_MARKER).strip(),
+                         "is_default": ctx["intended_use"].startswith(REPORT_DEFAULT_MARKER)},
+        "data_provenance": _data_provenance(ctx),
+        "model_development": {"backbone_ranking": ctx["backbone_ranking"],
+                              "finetune": {k: v for k, v in ctx["finetune"].items() if k != "negative_transfer"}},
+        "negative_transfer": _negative_transfer(ctx["finetune"]),
         "per_hospital": per_hospital,
+        "operating_point": _operating_point(primary_rows, per_hospital, threshold, ctx["threshold_source"]),
+        "subgroups": {"model": primary, "attributes": _subgroups(primary_rows, ctx, per_hospital, threshold, cfg)},
+        "shift_diagnostics": ctx["shift_diagnostics"],
         "adaptation": {"target_hospital": target, "baseline_model": BASELINE_MODEL,
                        "baseline_auc": baseline_auc, "best_method": best, "methods": methods},
+        "failure_examples": _failure_examples(primary_rows, threshold, cfg.failure_examples),
+        "limitations": {"items": limitations},
+        "tripod_ai": {"guideline": "TRIPOD+AI (Collins et al., BMJ 2024;385:e078378)",
+                      "items": [{"item": item, "topic": topic, "section": section,
+                                 "section_title": _SECTIONS[section] if section else None,
+                                 "covered": section is not None, "note": note}
+                                for item, topic, section, note in _TRIPOD_AI]},
     }
+    metrics["summary"] = {"paragraphs": _plain_summary(metrics)}
     metrics["warnings"] = _warnings(metrics, ctx)
     return metrics
+
+
+def _data_provenance(ctx: dict) -> dict:
+    """Sites (cohort counts joined with their content hash and study dates), ingestion, code version."""
+    provenance = ctx["provenance"]
+    per_site = {row["hospital"]: row for row in provenance["sites"]}
+    sites = [{**row, "content_sha256": per_site[row["hospital"]]["content_sha256"],
+              "study_dates": per_site[row["hospital"]]["study_dates"]} for row in ctx["cohort"]]
+    extra = {k: v for k, v in provenance.items() if k not in ("medtl_version", "git_commit", "sites")}
+    return {"code": {"medtl_version": provenance["medtl_version"], "git_commit": provenance.get("git_commit")},
+            "sites": sites, "ingest": ctx["ingest"], **extra}
+
+
+def _negative_transfer(finetune: dict) -> dict:
+    block = finetune.get("negative_transfer")
+    if block is None:
+        return {"checked": False, "message": "the fine-tuning run did not compare the pretrained start with "
+                                             "training from scratch."}
+    if not block.get("checked", True):
+        # the fine-tune stage writes "not checked: <why>"; the report says "Not checked" itself
+        reason = str(block.get("message") or "").strip()
+        reason = reason[len("not checked"):].lstrip(" :—-") if reason.lower().startswith("not checked") else reason
+        return {**block, "checked": False,
+                "message": reason or "the fine-tuning run skipped the comparison with training from scratch."}
+    return {**block, "checked": True, "negative": bool(block["negative"]),
+            "fallback_applied": bool(block.get("fallback_applied", False))}
+
+
+def _operating_point(primary_rows: pd.DataFrame, per_hospital: dict, threshold: float, source: str) -> dict:
+    """Confusion counts per hospital at the fixed threshold, next to the bootstrap sensitivity/specificity."""
+    sites = []
+    for hospital, m in per_hospital.items():
+        rows = primary_rows[primary_rows["hospital"] == hospital]
+        flagged = rows["prob"].to_numpy() >= threshold
+        finding = rows["label"].to_numpy() == 1
+        sites.append({"hospital": hospital, "role": m["role"],
+                      "tp": int((flagged & finding).sum()), "fn": int((~flagged & finding).sum()),
+                      "tn": int((~flagged & ~finding).sum()), "fp": int((flagged & ~finding).sum()),
+                      "sensitivity": m["sensitivity"], "specificity": m["specificity"]})
+    return {"threshold": threshold, "threshold_source": source, "rule": "positive when P(finding) >= threshold",
+            "per_site": sites}
+
+
+def _subgroups(primary_rows: pd.DataFrame, ctx: dict, per_hospital: dict, threshold: float,
+               cfg: ReportConfig) -> list[dict]:
+    """Site, vendor, sex and age group, each either with per-group metrics or marked not recorded."""
+    vendor_of = {row["hospital"]: row["vendor"] for row in ctx["cohort"]}
+    attributes = [
+        ("hospital", "Hospital (site)", primary_rows["hospital"], list(per_hospital)),
+        ("vendor", "Vendor",
+         primary_rows["vendor"] if "vendor" in primary_rows else primary_rows["hospital"].map(vendor_of), None),
+        ("sex", "Sex", primary_rows["sex"].map(_sex_label) if "sex" in primary_rows else None, None),
+        ("age", "Age group", primary_rows["age"].map(_age_group) if "age" in primary_rows else None,
+         [label for _, _, label in _AGE_GROUPS]),
+    ]
+    out = []
+    for name, label, values, order in attributes:
+        if values is None or all(_missing(v) for v in values):
+            out.append({"attribute": name, "label": label, "recorded": False, "groups": [],
+                        "note": f"no {label.lower()} is recorded for the evaluated images"})
+            continue
+        keys = [_NOT_RECORDED if _missing(v) else str(v) for v in values]
+        present = list(dict.fromkeys(keys))
+        ranked = [g for g in (order or sorted(present)) if g in present and g != _NOT_RECORDED]
+        ranked += [g for g in present if g not in ranked and g != _NOT_RECORDED]
+        ranked += [_NOT_RECORDED] if _NOT_RECORDED in present else []
+        keys_arr = np.asarray(keys, dtype=object)
+        groups = []
+        for group in ranked:
+            m = _bootstrap(primary_rows[keys_arr == group], threshold, cfg)
+            groups.append({"group": group, "n": m["n"], "n_patients": m["n_patients"], "n_positive": m["n_positive"],
+                           "auc": m["auc"], "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+                           "notes": m["notes"]})
+        out.append({"attribute": name, "label": label, "recorded": True, "groups": groups, "note": ""})
+    return out
+
+
+def _sex_label(value: Any) -> str | None:
+    return None if _missing(value) else _SEX_LABELS.get(str(value).strip().lower())
+
+
+def _age_years(value: Any) -> float | None:
+    """Years from a number or a DICOM age string (``nnnD/W/M/Y``); None when absent or unreadable."""
+    if _missing(value):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) and value >= 0 else None
+    text = str(value).strip().upper()
+    per_year = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
+    if len(text) >= 2 and text[-1] in per_year and text[:-1].isdigit():
+        return int(text[:-1]) / per_year[text[-1]]
+    try:
+        years = float(text)
+    except ValueError:
+        return None
+    return years if math.isfinite(years) and years >= 0 else None
+
+
+def _age_group(value: Any) -> str | None:
+    years = _age_years(value)
+    if years is None:
+        return None
+    return next(label for low, high, label in _AGE_GROUPS if low <= years < high)
+
+
+def _failure_examples(primary_rows: pd.DataFrame, threshold: float, k: int) -> dict:
+    """The ``k`` most confident false positives and false negatives, with thumbnails of their arrays."""
+    wrong_positive = primary_rows[(primary_rows["label"] == 0) & (primary_rows["prob"] >= threshold)]
+    wrong_negative = primary_rows[(primary_rows["label"] == 1) & (primary_rows["prob"] < threshold)]
+    out = {"threshold": threshold, "n_false_positives": len(wrong_positive), "n_false_negatives": len(wrong_negative),
+           "false_positives": [], "false_negatives": []}
+    if k == 0:
+        return {**out, "available": False, "reason": "Turned off in the configuration (report.failure_examples: 0)."}
+    if "image" not in primary_rows:
+        return {**out, "available": False,
+                "reason": "The predictions carry no image paths, so the misclassified images cannot be shown; "
+                          "pass an 'image' column (the preprocessed array of each row) to build_report."}
+    for key, rows, ascending in (("false_positives", wrong_positive, False), ("false_negatives", wrong_negative, True)):
+        for _, row in rows.sort_values("prob", ascending=ascending, kind="stable").head(k).iterrows():
+            thumbnail = None if _missing(row["image"]) else _thumbnail(Path(str(row["image"])))
+            out[key].append({"image_id": None if _missing(row["image_id"]) else str(row["image_id"]),
+                             "hospital": row["hospital"], "role": row["role"], "label": int(row["label"]),
+                             "prob": float(row["prob"]), "thumbnail": thumbnail})
+    return {**out, "available": True, "reason": ""}
+
+
+def _thumbnail(path: Path) -> str | None:
+    """A small grey PNG data URI of a stored array (2D, or the middle slice of 3D); None when unreadable."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        log.warning("report: no thumbnail for a failure example: %s", exc)
+        return None
+    image = np.asarray(array, dtype=np.float64)
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3:
+        image = image[image.shape[0] // 2]
+    if image.ndim != 2 or not np.isfinite(image).all():
+        log.warning("report: no thumbnail for a failure example: array of shape %s is not an image", array.shape)
+        return None
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:  # stored arrays are in [0, 1]; anything else is stretched to fit
+        image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    picture = Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L")
+    scale = _THUMBNAIL_PX / max(picture.size)
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                             Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _warnings(metrics: dict, ctx: dict) -> list[str]:
     level = _pct(metrics["settings"]["confidence"])
     out: list[str] = []
+    if metrics["intended_use"]["is_default"]:
+        out.append("The intended-use statement is medtl's placeholder; replace report.intended_use with the "
+                   "site's own statement before sign-off.")
+    n_default = sum(item["default"] for item in metrics["limitations"]["items"])
+    if n_default:
+        out.append(f"{n_default} limitation(s) are medtl's placeholder text; replace report.limitations with the "
+                   "site's own before sign-off.")
     for hospital, m in metrics["per_hospital"].items():
         where = f"{hospital} ({m['role']})"
         auc = m["auc"]
@@ -301,6 +684,12 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
         if min(m["n_positive"], m["n"] - m["n_positive"]) < MIN_PER_CLASS:
             out.append(f"{where}: fewer than {MIN_PER_CLASS} positive or negative images "
                        f"({m['n_positive']} of {m['n']} positive); confidence intervals are wide.")
+
+    negative = metrics["negative_transfer"]
+    if negative["checked"] and negative["negative"]:
+        action = ("the model trained from scratch was used instead" if negative["fallback_applied"]
+                  else "the pretrained model was kept anyway")
+        out.append(f"Negative transfer: {negative['message']}; {action}.")
 
     adapt = metrics["adaptation"]
     best, baseline_auc = adapt["best_method"], adapt["baseline_auc"]
@@ -324,7 +713,7 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # figures
 
-def _figures(preds: pd.DataFrame, metrics: dict, cfg: ReportConfig) -> dict[str, str]:
+def _figures(preds: pd.DataFrame, metrics: dict, cfg: ReportConfig) -> dict[str, dict[str, str]]:
     primary = metrics["primary_model"]
     target = metrics["adaptation"]["target_hospital"]
     threshold = metrics["settings"]["threshold"]
@@ -332,10 +721,12 @@ def _figures(preds: pd.DataFrame, metrics: dict, cfg: ReportConfig) -> dict[str,
                        for h, m in metrics["per_hospital"].items()]
     method_curves = [(method, preds[(preds["model"] == method) & (preds["hospital"] == target)], m)
                      for method, m in metrics["adaptation"]["methods"].items()]
+    roc_title, adapt_title = f"ROC of {primary} per hospital", f"ROC on {target} (target) per method"
     return {
-        "roc_hospitals": _roc_figure(hospital_curves, threshold, f"ROC of {primary} per hospital"),
-        "calibration": _calibration_figure(hospital_curves, cfg.calibration_bins),
-        "roc_adaptation": _roc_figure(method_curves, threshold, f"ROC on {target} (target) per method"),
+        "roc_hospitals": {"title": roc_title, "png": _roc_figure(hospital_curves, threshold, roc_title)},
+        "calibration": {"title": f"Calibration of {primary} per hospital",
+                        "png": _calibration_figure(hospital_curves, cfg.calibration_bins)},
+        "roc_adaptation": {"title": adapt_title, "png": _roc_figure(method_curves, threshold, adapt_title)},
     }
 
 
@@ -439,13 +830,18 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+def _num(value: Any) -> float:
+    """A float, NaN for None (a JSON round trip turns NaN into None)."""
+    return float("nan") if value is None else float(value)
+
+
 def _pct(fraction: float) -> str:
     return f"{fraction * 100:g} %"
 
 
-def _metric_cells(m: dict) -> dict[str, dict[str, str]]:
+def _metric_cells(m: dict, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, dict[str, str]]:
     """Value and interval kept apart so the table can stack them."""
-    return {name: dict(zip(("value", "ci"), _ci_parts(m[name]))) for name in METRIC_NAMES}
+    return {name: dict(zip(("value", "ci"), _ci_parts(m[name]))) for name in names}
 
 
 def _delta_cell(name: str, m: dict) -> dict[str, str]:
@@ -457,7 +853,8 @@ def _delta_cell(name: str, m: dict) -> dict[str, str]:
     return dict(zip(("value", "ci"), _ci_parts(delta, signed=True)))
 
 
-def _render_html(metrics: dict, ctx: dict, figures: dict[str, str]) -> str:
+def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
+    """The report page; ``pdf=True`` swaps in a stylesheet and layout that xhtml2pdf can draw."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -465,7 +862,11 @@ def _render_html(metrics: dict, ctx: dict, figures: dict[str, str]) -> str:
     ingest = ctx["ingest"]
     ranking_columns = list(dict.fromkeys(["rank", "backbone", "logme", "linear_probe_auc",
                                           *(k for row in ctx["backbone_ranking"] for k in row if k != "chosen")]))
+    limitations = metrics["limitations"]["items"]
     view = {
+        "pdf": pdf,
+        "fonts": _pdf_fonts() if pdf else None,
+        "sections": _SECTIONS,
         "title": ctx["title"],
         "generated_at": datetime.fromisoformat(metrics["generated_at"]).strftime("%Y-%m-%d %H:%M UTC"),
         "primary_model": metrics["primary_model"],
@@ -474,22 +875,30 @@ def _render_html(metrics: dict, ctx: dict, figures: dict[str, str]) -> str:
         "level": _pct(metrics["settings"]["confidence"]),
         "n_bootstrap": metrics["settings"]["n_bootstrap"],
         "calibration_bins": metrics["settings"]["calibration_bins"],
-        "summary": _plain_summary(metrics),
+        "summary": metrics["summary"]["paragraphs"],
         "headline": _headline(metrics),
         "warnings": metrics["warnings"],
-        "cohort": [{**row, **{k: _fmt_value(row[k]) for k in ("n_images", "n_patients", "n_labeled")},
-                    "prevalence": "—" if row["prevalence"] is None else f"{row['prevalence'] * 100:.1f} %"}
-                   for row in ctx["cohort"]],
+        "intended_use": metrics["intended_use"],
+        "cohort": [_site_row(row) for row in metrics["data_provenance"]["sites"]],
         "ingest": {k: _fmt_value(ingest[k]) for k in INGEST_KEYS},
         "ingest_balances": ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"] == ingest["files_in"],
         "quarantine_reasons": sorted((ingest.get("quarantine_reasons") or {}).items(), key=lambda kv: -kv[1]),
+        "provenance": _provenance_rows(metrics["data_provenance"]),
         "ranking_columns": [_COLUMN_TITLES.get(c, c.replace("_", " ").capitalize()) for c in ranking_columns],
         "ranking": [{"cells": [_fmt_value(row.get(c)) for c in ranking_columns], "chosen": bool(row["chosen"])}
                     for row in sorted(ctx["backbone_ranking"], key=lambda r: r["rank"])],
+        "finetune": [(k, _fmt_value(v)) for k, v in metrics["model_development"]["finetune"].items()],
+        "negative_transfer": _negative_transfer_view(metrics["negative_transfer"]),
         "roles": _ROLE_HELP,
         "hospitals": [{"hospital": h, "role": m["role"], "n": m["n"], "n_patients": m["n_patients"],
                        "n_positive": m["n_positive"], **_metric_cells(m)}
                       for h, m in metrics["per_hospital"].items()],
+        "operating": [{**row, **_metric_cells(row, ("sensitivity", "specificity"))}
+                      for row in metrics["operating_point"]["per_site"]],
+        "operating_lines": [_operating_line(row) for row in metrics["operating_point"]["per_site"]],
+        "subgroups": [{**a, "groups": [{**g, **_metric_cells(g, ("auc", "sensitivity", "specificity"))}
+                                       for g in a["groups"]]} for a in metrics["subgroups"]["attributes"]],
+        "shift": _shift_view(metrics["shift_diagnostics"]),
         "target": adapt["target_hospital"],
         "baseline_model": BASELINE_MODEL,
         "methods": [{"method": name, "n": m["n"], "n_patients": m["n_patients"], **_metric_cells(m),
@@ -497,15 +906,131 @@ def _render_html(metrics: dict, ctx: dict, figures: dict[str, str]) -> str:
                      "best": name == adapt["best_method"]}
                     for name, m in adapt["methods"].items()],
         "adaptation_notes": _as_list(ctx["adaptation"].get("notes")),
+        "failures": _failures_view(metrics["failure_examples"]),
         "checks": {"min_auc_ci_low": f"{MIN_AUC_CI_LOW:.2f}", "max_ece": f"{MAX_ECE:.2f}",
                    "min_per_class": MIN_PER_CLASS},
         "metric_notes": _metric_notes(metrics),
-        "finetune": [(k, _fmt_value(v)) for k, v in ctx["finetune"].items()],
-        "limitations": ctx["limitations"],
-        "provenance": [(k, _fmt_value(v)) for k, v in (ctx.get("provenance") or {}).items()],
-        "fig": figures,
+        "limitations": limitations,
+        "limitations_default": any(item["default"] for item in limitations),
+        "tripod": metrics["tripod_ai"]["items"],
+        "fig": {name: figure["png"] for name, figure in metrics["figures"].items()},
     }
     return env.get_template("report.html").render(**view)
+
+
+def _site_row(row: dict) -> dict:
+    sha = row["content_sha256"]
+    dates = row["study_dates"]
+    return {**row, **{k: _fmt_value(row[k]) for k in ("n_images", "n_patients", "n_labeled")},
+            "prevalence": "—" if row["prevalence"] is None else f"{row['prevalence'] * 100:.1f} %",
+            "content_sha256": sha or _NOT_RECORDED, "content_short": f"{sha[:12]}…" if sha else _NOT_RECORDED,
+            "study_dates": _NOT_RECORDED if _missing(dates) else str(dates),
+            "study_dates_recorded": not _missing(dates)}
+
+
+def _provenance_rows(provenance: dict) -> list[tuple[str, str]]:
+    code = provenance["code"]
+    rows = [("medtl version", str(code["medtl_version"])),
+            ("git commit", code["git_commit"] or "not available (medtl not run from a git checkout)")]
+    rows += [(k.replace("_", " "), _fmt_value(v)) for k, v in provenance.items()
+             if k not in ("code", "sites", "ingest")]
+    return rows
+
+
+def _negative_transfer_view(block: dict) -> dict:
+    message = str(block["message"]).strip()
+    view = {"checked": block["checked"], "negative": bool(block.get("negative")),
+            "message": message if message.endswith(".") else message + ".",
+            "fallback": "", "transfer": "—", "scratch": "—", "delta": "—"}
+    if not block["checked"]:
+        return view
+    for key, name, spec in (("transfer", "transfer_val_auc", ".3f"), ("scratch", "scratch_val_auc", ".3f"),
+                            ("delta", "delta", "+.3f")):
+        value = block.get(name)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            view[key] = format(float(value), spec)
+    if block["negative"]:
+        view["fallback"] = ("The model trained from scratch was used instead." if block["fallback_applied"]
+                            else "The pretrained model was kept.")
+    return view
+
+
+def _operating_line(row: dict) -> str:
+    with_finding, without = row["tp"] + row["fn"], row["tn"] + row["fp"]
+    parts = []
+    if with_finding:
+        parts.append(f"of {with_finding} images with the finding, {row['tp']} were flagged "
+                     f"(sensitivity {_fmt_ci(row['sensitivity'])})")
+    else:
+        parts.append("no images with the finding")
+    if without:
+        parts.append(f"of {without} without it, {row['fp']} were flagged wrongly "
+                     f"(specificity {_fmt_ci(row['specificity'])})")
+    else:
+        parts.append("no images without the finding")
+    return f"{row['hospital']}: " + "; ".join(parts) + "."
+
+
+def _signed(value: float, spec: str) -> str:
+    """``format(value, spec)`` with a true minus sign (U+2212) instead of a hyphen."""
+    return format(value, spec).replace("-", "\u2212")
+
+
+def _shift_verdict(pad: float) -> str:
+    if math.isnan(pad):
+        return "not computed"
+    if pad < 0.5:
+        return "similar"
+    return "noticeably different" if pad < 1.5 else "clearly different"
+
+
+def _shift_view(shift: dict) -> dict:
+    rows, notes = [], []
+    for c in shift["comparisons"]:
+        pad, balanced = _num(c["proxy_a_distance"]), _num(c["domain_balanced_accuracy"])
+        mmd, p_value = _num(c["mmd2"]), _num(c["mmd_p_value"])
+        large = [d for d in c["differences"] if abs(_num(d["effect_size"])) >= 0.5][:3]
+        # non-breaking spaces keep "(d = +1.2)" on one line in a narrow column; a true minus sign reads better
+        differences = ", ".join(f"{d['feature']} {'higher' if d['effect_size'] > 0 else 'lower'} "
+                                f"(d\u00a0=\u00a0{_signed(d['effect_size'], '+.1f')})" for d in large)
+        rows.append({"site": c["site"], "n_site": c["n_site"], "verdict": _shift_verdict(pad),
+                     "balanced": "n/a" if math.isnan(balanced) else f"{balanced * 100:.0f} %",
+                     "pad": "n/a" if math.isnan(pad) else f"{pad:.2f}",
+                     "mmd": "n/a" if math.isnan(mmd) else (f"{mmd:.3f}" + ("" if math.isnan(p_value)
+                                                                         else f" (p = {p_value:.3f})")),
+                     "differences": differences or "no property differs by half a standard deviation or more"})
+        notes += [f"{c['site']}: {note}" for note in c.get("notes") or []]
+    reference = shift["reference"]
+    names = list(shift["features"])
+    return {"rows": rows, "notes": notes, "n_reference": shift["n_reference"],
+            "reference": ", ".join(reference) if isinstance(reference, (list, tuple)) else str(reference),
+            "n_features": len(names), "feature_list": ", ".join(names),
+            "cv_folds": shift.get("cv_folds", "k"), "n_permutations": shift.get("n_permutations", "several")}
+
+
+def _failures_view(failures: dict) -> dict:
+    groups = []
+    for key, title, total in (("false_positives", "Most confident false positives", failures["n_false_positives"]),
+                              ("false_negatives", "Most confident false negatives", failures["n_false_negatives"])):
+        examples = [{**ex, "prob": f"{ex['prob']:.3f}", "image_id": ex["image_id"] or "no id",
+                     "short_id": _short_id(ex["image_id"])} for ex in failures[key]]
+        groups.append({"title": title, "total": total, "shown": len(examples), "examples": examples})
+    return {"available": failures["available"], "reason": failures["reason"], "groups": groups}
+
+
+def _short_id(image_id: str | None) -> str:
+    """The tail of a long id (DICOM UIDs differ at the end); the full id is in report.json."""
+    if not image_id:
+        return "no id"
+    return image_id if len(image_id) <= 20 else "…" + image_id[-18:]
+
+
+def _pdf_fonts() -> dict[str, str] | None:
+    """DejaVu Sans from matplotlib's own data folder: always installed with medtl, and it has Δ, −, ≥."""
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts = {"regular": folder / "DejaVuSans.ttf", "bold": folder / "DejaVuSans-Bold.ttf",
+             "italic": folder / "DejaVuSans-Oblique.ttf"}
+    return {k: str(v) for k, v in fonts.items()} if all(v.is_file() for v in fonts.values()) else None
 
 
 def _as_list(value: Any) -> list:
@@ -518,6 +1043,8 @@ def _metric_notes(metrics: dict) -> list[str]:
     adapt = metrics["adaptation"]
     scopes = [(f"{metrics['primary_model']} on {h}", m) for h, m in metrics["per_hospital"].items()]
     scopes += [(f"{name} on {adapt['target_hospital']}", m) for name, m in adapt["methods"].items()]
+    scopes += [(f"{metrics['primary_model']}, subgroup {g['group']}", g)
+               for a in metrics["subgroups"]["attributes"] if a["attribute"] != "hospital" for g in a["groups"]]
     return [f"{scope}: {note}" for scope, m in scopes for note in m["notes"]]
 
 
@@ -550,6 +1077,15 @@ def _plain_summary(metrics: dict) -> list[str]:
         f"Sensitivity and specificity are given at one fixed threshold, {metrics['settings']['threshold']:.3f}, "
         f"chosen on {metrics['settings']['threshold_source']} and applied unchanged to every hospital; it was "
         "not tuned on target or external data.")
+    comparisons = [c for c in metrics["shift_diagnostics"]["comparisons"]
+                   if not math.isnan(_num(c["proxy_a_distance"]))]
+    if comparisons:
+        most = max(comparisons, key=lambda c: _num(c["proxy_a_distance"]))
+        paragraphs.append(
+            f"Images from {most['site']} differ most from the training hospital's "
+            f"({_shift_verdict(_num(most['proxy_a_distance']))}: a simple classifier tells them apart "
+            f"{_num(most['domain_balanced_accuracy']) * 100:.0f} % of the time, where 50 % would mean no "
+            "difference); see “Shift between hospitals”.")
     return paragraphs
 
 
@@ -621,15 +1157,90 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str | bytes) -> None:
     """Readers see the old file or the new one, never a half-written report."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by its reviewers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_pdf(pdf_html: str, html_path: Path, pdf_path: Path) -> str | None:
+    """Write report.pdf with the first renderer that works; never raises.
+
+    xhtml2pdf first: pure Python (ReportLab underneath), so it works offline on a cluster node without a
+    browser. Headless Chromium prints the screen HTML when xhtml2pdf is missing or fails.
+
+    Returns:
+        ``"xhtml2pdf"``, ``"chromium"``, or None when no PDF was written (with a logged warning).
+    """
+    reasons = []
+    try:
+        _write_atomic(pdf_path, _xhtml2pdf(pdf_html))
+        return "xhtml2pdf"
+    except ImportError:
+        reasons.append("xhtml2pdf is not installed (pip install xhtml2pdf)")
+    except Exception as exc:  # noqa: BLE001 - a PDF renderer must never take the report down with it
+        reasons.append(f"xhtml2pdf failed: {exc}")
+    chromium = _chromium()
+    if chromium is not None:
+        try:
+            _write_atomic(pdf_path, _chromium_pdf(chromium, html_path))
+            return "chromium"
+        except Exception as exc:  # noqa: BLE001
+            reasons.append(f"Chromium failed: {exc}")
+    else:
+        reasons.append("no Chromium at /usr/bin/chromium or on PATH")
+    log.warning("report: PDF skipped (%s); report.html and report.json were written. Install xhtml2pdf "
+                "(pip install xhtml2pdf) or Chromium to get report.pdf.", "; ".join(reasons))
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """xhtml2pdf logs every CSS property it does not implement; the PDF stylesheet avoids the ones that matter."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _xhtml2pdf(html: str) -> bytes:
+    from xhtml2pdf import pisa
+
+    buf = io.BytesIO()
+    with _quiet("xhtml2pdf"):
+        status = pisa.CreatePDF(html, dest=buf, encoding="utf-8")
+    if status.err:
+        raise RuntimeError(f"{status.err} error(s) while drawing the PDF")
+    return buf.getvalue()
+
+
+def _chromium() -> str | None:
+    for candidate in (shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _chromium_pdf(chromium: str, html_path: Path) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="medtl-chromium-") as tmp:
+        out = Path(tmp) / "report.pdf"
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={tmp}/profile", "--no-pdf-header-footer", f"--print-to-pdf={out}",
+                   html_path.resolve().as_uri()]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+        if done.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+            raise RuntimeError(f"exit code {done.returncode}: {done.stderr.strip()[-300:]}")
+        return out.read_bytes()

@@ -8,7 +8,9 @@ __all__ = ["SCORES", "BackboneSelector", "h_score", "knn_accuracy", "knn_cv_accu
            "logme", "nce", "validate_selection"]
 
 from medtl.select.unsupervised import (UNSUPERVISED_SCORES, UnsupervisedSelector, dev_risk, dev_score, entropy_score,
-                                       importance_weights, iwcv_risk, iwcv_score, prediction_entropy, snd_score)
+                                       importance_weights, iwcv_risk, iwcv_score, per_sample_cross_entropy,
+                                       prediction_entropy, snd_score)
 
 __all__ += ["UNSUPERVISED_SCORES", "UnsupervisedSelector", "dev_risk", "dev_score", "entropy_score",
-            "importance_weights", "iwcv_risk", "iwcv_score", "prediction_entropy", "snd_score"]
+            "importance_weights", "iwcv_risk", "iwcv_score", "per_sample_cross_entropy", "prediction_entropy",
+            "snd_score"]

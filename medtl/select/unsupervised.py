@@ -285,6 +285,9 @@ class UnsupervisedSelector(BaseEstimator):
         nan_reasons_: candidate → score → why that score is NaN.
         ranking_: candidate names, best first.
         best_: the chosen candidate.
+        rankings_: every score → candidate names best first by that score (NaN last, ties in input order), so
+            one fit shows what each scorer would pick.
+        picks_: every score → its best candidate, or None when no candidate has that score.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -355,7 +358,13 @@ class UnsupervisedSelector(BaseEstimator):
         for name in unranked:
             log.warning("select: %s ranks last: its %s is NaN (%s)", name, self.scorer, reasons[name][self.scorer])
 
-        order = scores[self.scorer].sort_values(ascending=False, kind="stable", na_position="last").index
+        # the same order for every score (stable: ties keep the input order), computed from one pass of scoring
+        self.rankings_ = {score: list(scores[score].sort_values(ascending=False, kind="stable",
+                                                                na_position="last").index)
+                          for score in UNSUPERVISED_SCORES}
+        self.picks_ = {score: (ranking[0] if np.isfinite(scores.loc[ranking[0], score]) else None)
+                       for score, ranking in self.rankings_.items()}
+        order = self.rankings_[self.scorer]
         self.scores_ = scores.loc[order].assign(rank=np.arange(1, len(order) + 1))
         self.nan_reasons_ = reasons
         self.ranking_ = list(order)
@@ -378,6 +387,35 @@ class UnsupervisedSelector(BaseEstimator):
             raise ValueError(f"temperature must be > 0 (Saito et al. use 0.05), got {self.temperature!r}")
         if int(self.folds) != self.folds or self.folds < 2:
             raise ValueError(f"folds must be an integer >= 2, got {self.folds!r}")
+
+
+def per_sample_cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample cross-entropy ``-log p(y_i)`` of predicted class distributions: the losses DEV / IWCV weigh.
+
+    Args:
+        probabilities: (N, C) softmax outputs, rows summing to 1.
+        labels: (N,) integer classes in [0, C).
+
+    Returns:
+        (N,) losses in nats; a probability of 0 for the true class is clipped to 1e-12 (a loss of about 27.6)
+        so that one confidently wrong sample stays finite.
+
+    Examples:
+        >>> per_sample_cross_entropy(np.array([[0.5, 0.5], [0.9, 0.1]]), np.array([1, 0]))  # log 2, -log 0.9
+        array([0.69314718, 0.10536052])
+    """
+    p = _check_probabilities(probabilities, "probabilities")
+    y = np.asarray(labels)
+    if y.shape != (len(p),):
+        raise ValueError(f"labels must be (N,) = ({len(p)},), one per row of probabilities, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.isfinite(y).all() and np.all(y == np.round(y))):
+            raise ValueError("labels must be integer classes (unlabeled samples, NaN or -1, have no loss: drop them)")
+        y = y.astype(int)
+    if (y < 0).any() or (y >= p.shape[1]).any():
+        raise ValueError(f"labels must lie in [0, {p.shape[1]}) for {p.shape[1]} classes, got "
+                         f"{sorted(set(y.tolist()))} (unlabeled samples, -1, have no loss: drop them)")
+    return -np.log(np.maximum(p[np.arange(len(p)), y], _EPS))
 
 
 def _check_probabilities(probabilities: np.ndarray, name: str) -> np.ndarray:

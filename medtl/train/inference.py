@@ -41,6 +41,28 @@ def positive_probability(model: nn.Module, loader: Iterable, device: str = "auto
     return run_inference(model, loader, device=device, fn=lambda m, x: torch.softmax(m(x).float(), 1)[:, 1])
 
 
+def features_and_probabilities(model: nn.Module, loader: Iterable,
+                               device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features and class probabilities of a classifier in one pass over the data.
+
+    Args:
+        model: a backbone with ``embed`` / ``classify`` and a classifier head (``num_classes >= 2``).
+        loader: batches with an ``"image"`` key.
+        device: as :func:`run_inference`.
+
+    Returns:
+        ``(N, D)`` pooled pre-logit features (``model.embed``) and ``(N, C)`` softmax probabilities, float32.
+    """
+    width = int(model.num_features)
+    out = run_inference(model, loader, device=device, fn=_features_and_probabilities)
+    if out.size == 0:
+        raise ValueError("features_and_probabilities: the loader yielded no images; check the rows it was built from")
+    if out.ndim != 2 or out.shape[1] <= width:
+        raise ValueError(f"features_and_probabilities needs a model with a classifier head; got outputs of shape "
+                         f"{out.shape} for {width} features (a backbone created with num_classes=0 has no head)")
+    return out[:, :width], out[:, width:]
+
+
 def embed_with_source_head(backbone: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features ``(N, D)`` and, for a backbone that kept its source classifier (e.g. ImageNet's 1000
     classes), its softmax over those classes ``(N, Z)`` for LEEP and NCE; one pass over the data."""

@@ -1,0 +1,225 @@
+"""The fine-tune stage: each strategy through ``run_finetune`` on one tiny ingested cohort, the card's fields,
+early stopping, BatchNorm policies and the negative-transfer gate (CPU; 16-pixel images, 1-2 epochs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from medtl import stages
+from medtl.config import ConfigError, DataConfig, FinetuneConfig, IngestConfig, TrainConfig, load_config
+from medtl.finetune import apply_batchnorm_policy
+from medtl.ingest import ingest_folder
+from medtl.models import create_backbone
+from medtl.synth import write_cohort
+from medtl.train.inference import positive_probability
+from medtl.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = "efficientnet_lite0.imagenet"
+SOURCE, TARGET = "St. Aurelia General Hospital", "Harbor Valley Medical Center"
+DATA = DataConfig(source_hospitals=[SOURCE], target_hospital=TARGET, image_size=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these networks are tiny, and on a busy machine two threads spend most of each
+    operation waiting for each other (a 16-pixel forward pass measured 9x slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """Source and target hospitals of configs/tiny.yaml, 32 labeled images each, ingested once per module; the
+    converted ImageNet weights go to a private cache, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDTL_CACHE", str(tmp_path_factory.mktemp("medtl_cache")))
+        synth = load_config(ROOT / "configs" / "tiny.yaml").synth
+        synth = synth.model_copy(update={
+            "hospitals": [h for h in synth.hospitals if h.institution in (SOURCE, TARGET)],
+            "labeled_per_hospital": 32, "unlabeled_per_hospital": 0, "broken_files": 0, "workers": 1})
+        ws = Workspace(tmp_path_factory.mktemp("cohort"))
+        write_cohort(synth, ws.dicom)
+        ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=32, workers=1), ws)
+        yield ws
+
+
+def _workspace(cohort: Workspace, tmp_path: Path) -> Workspace:
+    """A fresh run folder sharing the module's ingested cohort."""
+    ws = Workspace(tmp_path / "run")
+    ws.root.mkdir()
+    ws.ingest.symlink_to(cohort.ingest.resolve(), target_is_directory=True)
+    return ws
+
+
+def _config(epochs: int = 1, **settings) -> FinetuneConfig:
+    train = TrainConfig(epochs=epochs, batch_size=8, lr=1e-3, device="cpu", progress=False)
+    return FinetuneConfig(backbone=settings.pop("backbone", BACKBONE), train=train, **settings)
+
+
+def _check_saved_model(ws: Workspace) -> tuple[torch.nn.Module, dict]:
+    """The saved model loads as a plain backbone and reproduces the stage's predictions."""
+    model, card = stages.load_finetuned(ws)
+    assert not any("lora" in key for key in model.state_dict())
+    predictions = pd.read_parquet(ws.finetune / "predictions.parquet")
+    rows = stages.evaluation_rows(stages.load_split_manifest(ws, DATA))
+    prob = positive_probability(model, stages._eval_loader(rows, model, DATA))
+    torch.testing.assert_close(torch.as_tensor(prob), torch.tensor(predictions["prob"].to_numpy()),
+                               atol=1e-5, rtol=1e-4)
+    assert json.loads((ws.finetune / "model.json").read_text()) == card
+    return model, card
+
+
+def _group_sizes(name: str = BACKBONE) -> list[int]:
+    model = create_backbone(name, num_classes=2)
+    params = dict(model.named_parameters())
+    return [sum(params[n].numel() for n in group) for group in model.layer_groups()]
+
+
+@pytest.fixture(scope="module")
+def group_sizes(cohort: Workspace) -> list[int]:
+    return _group_sizes()
+
+
+# strategy, its settings, epochs
+CASES = {
+    "full": ({}, 1),
+    "linear_probe": ({}, 1),
+    "freeze": ({"freeze_groups": 3}, 1),
+    "gradual_unfreeze": ({"unfreeze_every": 1, "batchnorm": "frozen"}, 2),
+    "lp_ft": ({"lp_epochs": 1}, 2),
+    "l2sp": ({"l2sp_alpha": 0.1}, 1),
+    "lora": ({"lora_rank": 2}, 1),
+}
+
+
+@pytest.mark.parametrize("strategy", list(CASES))
+def test_each_strategy_saves_a_loadable_model_and_a_truthful_card(strategy, cohort, group_sizes, tmp_path):
+    settings, epochs = CASES[strategy]
+    ws = _workspace(cohort, tmp_path)
+    summary = stages.run_finetune(_config(epochs, strategy=strategy, **settings), DATA, ws)
+    model, card = _check_saved_model(ws)
+    assert summary == {k: v for k, v in card.items() if k != "history"}
+    total, head, n = sum(group_sizes), group_sizes[-1], len(group_sizes)
+    assert card["strategy"] == strategy and card["backbone"] == card["selected_backbone"] == BACKBONE
+    assert card["n_groups"] == n and card["epochs_trained"] == len(card["history"]) == epochs
+    assert card["best_epoch"] in range(1, epochs + 1) and 0 <= card["best_val_auc"] <= 1
+    assert card["best_val_auc"] == max(h["val_auc"] for h in card["history"])
+    assert card["early_stopping"] is None
+    assert card["negative_transfer"] == {
+        "checked": False, "transfer_val_auc": card["val_auc"], "scratch_val_auc": None, "delta": None,
+        "negative": None, "message": "not checked: finetune.scratch_baseline is false", "fallback_applied": False}
+    assert not (ws.finetune / "scratch_baseline.json").exists()
+    trained, frozen = card["trainable_params"], card["frozen_groups"]
+    if strategy in ("full", "l2sp", "lp_ft"):
+        assert (trained, card["total_params"], frozen) == (total, total, 0)
+    elif strategy == "linear_probe":
+        assert (trained, card["total_params"], frozen) == (head, total, n - 1)
+        assert card["strategy_settings"] == {"freeze_groups": "all", "layer_decay": 1.0}
+    elif strategy == "freeze":
+        assert (trained, frozen) == (total - sum(group_sizes[:3]), 3)
+    elif strategy == "gradual_unfreeze":
+        assert [h["trainable_groups"] for h in card["history"]] == [1, 2]
+        assert (trained, frozen) == (head + group_sizes[-2], n - 2)
+        # batchnorm: frozen survives unfreezing: every running statistic is still the pretrained one
+        pretrained = create_backbone(BACKBONE, num_classes=2).state_dict()
+        for key, value in model.state_dict().items():
+            if key.endswith(("running_mean", "running_var")):
+                torch.testing.assert_close(value, pretrained[key])
+    if strategy == "lp_ft":
+        assert [(h["epoch"], h["phase"]) for h in card["history"]] == [(1, "probe"), (2, "finetune")]
+        assert card["strategy_settings"] == {"lp_epochs": 1, "finetune_epochs": 1, "layer_decay": 1.0}
+    if strategy == "l2sp":
+        assert card["history"][0]["l2sp"] > 0 and card["strategy_settings"]["weight_decay"] == 0.0
+    if strategy == "lora":
+        # adapters + classifier train; the count is taken before merging, so the total includes the adapters
+        assert head < trained < total < card["total_params"]
+        assert card["strategy_settings"]["lora_rank"] == 2 and card["strategy_settings"]["adapted_layers"] > 10
+
+
+def test_adabn_statistics_are_reestimated_on_the_source_and_kept_through_full_training(cohort, tmp_path):
+    ws = _workspace(cohort, tmp_path)
+    stages.run_finetune(_config(1, batchnorm="adabn"), DATA, ws)
+    model, card = _check_saved_model(ws)
+    assert card["batchnorm"] == "adabn"
+    expected = create_backbone(BACKBONE, num_classes=2)
+    manifest = stages.load_split_manifest(ws, DATA)
+    train = manifest[(manifest["role"] == "source") & (manifest["split"] == "train")]
+    with torch.no_grad():
+        apply_batchnorm_policy(expected, "adabn", (b["image"] for b in stages._eval_loader(train, expected, DATA)))
+    reference, imagenet = expected.state_dict(), create_backbone(BACKBONE, num_classes=2).state_dict()
+    key = next(k for k in reference if k.endswith("running_mean"))
+    assert not torch.allclose(reference[key], imagenet[key])  # re-estimated, not the pretrained statistics
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, reference[key])
+
+
+def _constant_auc(monkeypatch: pytest.MonkeyPatch, auc_of) -> None:
+    """Replace the validation AUC (not the probabilities) by ``auc_of(model)``."""
+    real = stages._validation_scores
+
+    def scores(model, loader, y):
+        prob, _ = real(model, loader, y)
+        return prob, auc_of(model)
+
+    monkeypatch.setattr(stages, "_validation_scores", scores)
+
+
+def test_early_stopping_ends_before_the_last_epoch(cohort, tmp_path, monkeypatch):
+    # Constructed case: the validation AUC is forced flat (monkeypatched), so epoch 2 does not improve on epoch 1.
+    _constant_auc(monkeypatch, lambda model: 0.5)
+    ws = _workspace(cohort, tmp_path)
+    stages.run_finetune(_config(3, early_stopping_patience=1), DATA, ws)
+    _, card = _check_saved_model(ws)
+    assert card["early_stopping"] == {"monitor": "val_auc", "patience": 1, "stopped_epoch": 2}
+    assert card["epochs_trained"] == 2 < card["epochs"] == 3
+    assert (card["best_epoch"], card["best_val_auc"]) == (1, 0.5)
+
+
+@pytest.mark.parametrize("on_negative_transfer", ["warn", "fallback"])
+def test_negative_transfer_gate(on_negative_transfer, cohort, tmp_path, monkeypatch):
+    # Forced: validation AUC is monkeypatched to 0.9 for the scratch model and 0.6 for the transferred one.
+    _constant_auc(monkeypatch, lambda model: 0.9 if model.cfg.tag == "scratch" else 0.6)
+    ws = _workspace(cohort, tmp_path)
+    stages.run_finetune(_config(1, strategy="linear_probe", scratch_baseline=True,
+                                on_negative_transfer=on_negative_transfer), DATA, ws)
+    model, card = _check_saved_model(ws)
+    gate = card["negative_transfer"]
+    fallback = on_negative_transfer == "fallback"
+    assert gate["checked"] and gate["negative"] and gate["fallback_applied"] == fallback
+    assert (gate["transfer_val_auc"], gate["scratch_val_auc"]) == (0.6, 0.9)
+    assert gate["delta"] == pytest.approx(-0.3) and "negative transfer" in gate["message"]
+    assert gate["scratch_backbone"] == "efficientnet_lite0.scratch"
+    baseline = json.loads((ws.finetune / "scratch_baseline.json").read_text())
+    assert baseline["backbone"] == "efficientnet_lite0.scratch" and len(baseline["history"]) == 1
+    assert card["selected_backbone"] == BACKBONE and card["strategy"] == "linear_probe"
+    assert card["backbone"] == ("efficientnet_lite0.scratch" if fallback else BACKBONE)
+    assert ("fallback" in card["saved_model"]) == fallback and card["val_auc"] == (0.9 if fallback else 0.6)
+    # the saved stem is the scratch model's (random, trained) or the probe's (frozen ImageNet weights)
+    stem = next(k for k in model.state_dict() if k.endswith("conv_stem.weight"))
+    imagenet = create_backbone(BACKBONE, num_classes=2).state_dict()[stem]
+    assert torch.equal(model.state_dict()[stem], imagenet) != fallback
+
+
+def test_strategy_config_keeps_old_configs_and_explains_mistakes(tmp_path):
+    assert FinetuneConfig(freeze_groups=2).strategy == "freeze"  # configs from before `strategy` existed
+    assert FinetuneConfig(freeze_groups="all").strategy == "linear_probe"
+    assert FinetuneConfig().strategy == "full"
+    bad = {"strategy: full\n  freeze_groups: 2": "set strategy: freeze",
+           "strategy: lora\n  lp_epochs: 3": "lp_epochs=3 only applies to strategy 'lp_ft'",
+           "strategy: linear_probe\n  layer_decay: 0.5": "layer_decay has no effect",
+           "strategy: lp_ft\n  lp_epochs: 8": "make lp_epochs smaller than train.epochs",
+           "on_negative_transfer: fallback": "set scratch_baseline: true"}
+    for text, message in bad.items():
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"finetune:\n  {text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
