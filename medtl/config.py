@@ -38,6 +38,20 @@ class HospitalProfile(StrictModel):
     noise_std: float = Field(0.02, ge=0, description="Gaussian noise, fraction of full scale")
     blur_sigma_px: float = Field(0.0, ge=0)
     prevalence: float = Field(0.5, gt=0, lt=1, description="fraction of labeled images with the finding")
+    acquisition_shift: str | dict[str, str | float | bool | None] | None = Field(
+        None, description="a further acquisition shift through medtl.data.shift (exposure, quantum noise, blur, "
+                          "lower resolution, contrast curve, windowing mistakes, inversion, collimation, crop): a "
+                          "preset name (e.g. low_dose_portable) or AcquisitionProfile fields, optionally on a preset, "
+                          "e.g. {preset: low_dose_portable, collimation: 0.1}")
+
+    @field_validator("acquisition_shift")
+    @classmethod
+    def _valid_shift(cls, value: str | dict | None) -> str | dict | None:
+        if value is not None:
+            from medtl.data.shift import profile_from_spec  # torch-heavy: only when a shift is configured
+
+            profile_from_spec(value, "hospital")
+        return value
 
 
 def _default_hospitals() -> list[HospitalProfile]:
@@ -490,6 +504,70 @@ class ReportConfig(StrictModel):
     pdf: bool = Field(True, description="also write report.pdf (skipped with a warning when no renderer works)")
 
 
+class TrackingConfig(StrictModel):
+    """Experiment tracking (``medtl.tracking``): one MLflow run per pipeline run, with a nested run per stage
+    holding the stage's config as parameters, its per-epoch metrics, its model weights and its report."""
+
+    backend: Literal["mlflow", "none"] = Field(
+        "none", description="mlflow (needs the optional extra: pip install 'medtl[tracking]') or none (nothing "
+                            "is written and MLflow is never imported)")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI, e.g. http://mlflow.example.org:5000; null = a local store under "
+                          "<workdir>/mlruns (SQLite database mlflow.db and an artifacts/ folder). A server's "
+                          "credentials come from MLflow's environment variables (MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), never from the YAML")
+    experiment: str = Field("medtl", min_length=1, description="MLflow experiment the runs go to (created if "
+                                                               "missing)")
+    run_name: str | None = Field(None, description="name of the pipeline's run; default: the workdir's name")
+    log_models: bool = Field(True, description="upload each stage's safetensors weights as artifacts (about 13 MB "
+                                               "for efficientnet_lite0); false keeps only cards, metrics and "
+                                               "reports")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrackingConfig":
+        if self.backend == "none" and self.uri is not None:
+            raise ValueError("tracking.uri is set but tracking.backend is 'none'; set backend: mlflow, or remove "
+                             "uri")
+        if self.uri is not None and "@" in self.uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("tracking.uri carries credentials (user:password@host); remove them and set "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                             "environment instead")
+        return self
+
+
+class OrchestrationConfig(StrictModel):
+    """How the Prefect flows (``flows/``) run the stages: result persistence and caching, retries, fan-out.
+
+    medtl itself never reads it: the CLI and :func:`medtl.stages.run_pipeline` behave the same whatever it says.
+    """
+
+    cache: bool = Field(True, description="skip a stage whose config section and input files (content hashes) "
+                                          "are unchanged since it last finished; its result is read back from "
+                                          "result_storage")
+    result_storage: Path | None = Field(None, description="folder of persisted task results and cache records "
+                                                          "(JSON); default <workdir>/.prefect-results, so "
+                                                          "deleting the workdir also forgets its cache")
+    retries: int = Field(2, ge=0, description="retries of the I/O stages (ingest, PACS pulls, ingest shards)")
+    retry_delay_s: float = Field(10.0, gt=0, description="first retry delay; each later one doubles")
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="thread = Prefect's default in-process runner; dask = prefect-dask's DaskTaskRunner "
+                              "(ingest shards and per-site evaluation fan out over its workers)")
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (e.g. "
+                                                       "tcp://10.0.0.5:8786, one started by dask-jobqueue on Slurm "
+                                                       "or by dask-kubernetes); null = a LocalCluster on loopback")
+    dask_workers: int = Field(2, ge=1, description="worker processes of the LocalCluster (dask_address unset)")
+    ingest_shards: int = Field(1, ge=1, description="split ingestion into this many shards of files, one task "
+                                                    "each, merged into one manifest (2D only; 3D series are "
+                                                    "ingested in one piece)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OrchestrationConfig":
+        if self.dask_address is not None and self.task_runner != "dask":
+            raise ValueError("orchestration.dask_address is set but task_runner is not 'dask'; set "
+                             "task_runner: dask, or remove dask_address")
+        return self
+
+
 class PipelineConfig(StrictModel):
     """Everything one pipeline run needs. ``workdir`` holds every artifact of the run."""
 
@@ -502,6 +580,8 @@ class PipelineConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):

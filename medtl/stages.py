@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+
 
 import medtl
+from medtl import tracking
 from medtl.adapt import (EntropyMinimisation, build_adaptation_loss, recompute_batchnorm_statistics,
                          tent_parameters)
 from medtl.config import (AdaptConfig, DataConfig, FinetuneConfig, IngestConfig, PipelineConfig, PretrainConfig,
-                          SelectConfig, SynthConfig, TrainConfig)
+                          ReportConfig, SelectConfig, SynthConfig, TrainConfig)
 from medtl.data.datasets import PairedLoader, SampleDataset, assign_splits, make_loader, to_records
 from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform, weak_strong_transform
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
@@ -37,7 +38,7 @@ from medtl.select import SCORES, BackboneSelector
 from medtl.select.unsupervised import UNSUPERVISED_SCORES, UnsupervisedSelector, per_sample_cross_entropy
 from medtl.ssl import KnnMonitor, build_ssl_objective
 from medtl.train import Objective, Supervised, TaskWithAdaptation, fit
-from medtl.train.checkpoint import atomic_save_tensors
+from medtl.train.checkpoint import atomic_save_tensors, load_tensors
 from medtl.train.core import run_fingerprint
 from medtl.train.inference import embed_with_source_head, features_and_probabilities, positive_probability
 from medtl.workspace import Workspace
@@ -114,6 +115,7 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- stages
 
 
+@tracking.stage("synth")
 def run_synth(cfg: SynthConfig, ws: Workspace) -> dict:
     """Write the embedded synthetic multi-hospital cohort to ``ws.dicom``."""
     from medtl.synth import write_cohort
@@ -123,6 +125,7 @@ def run_synth(cfg: SynthConfig, ws: Workspace) -> dict:
     return {"summary": str(summary), "out_dir": str(ws.dicom)}
 
 
+@tracking.stage("ingest")
 def run_ingest(cfg: IngestConfig, ws: Workspace) -> dict:
     """DICOM folder → de-identified arrays + manifest; prints the accounting line. With ``cfg.pacs`` the
     folder is ``ws.pacs_incoming``, first filled from the PACS (only instances not already there)."""
@@ -134,10 +137,72 @@ def run_ingest(cfg: IngestConfig, ws: Workspace) -> dict:
         log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
         cfg = cfg.model_copy(update={"input_dir": ws.pacs_incoming})
     summary = ingest_folder(cfg, ws)
+    tracking.log_metrics({k: getattr(summary, k) for k in ("files_in", "ingested", "quarantined", "duplicates")})
     log.info("ingest: %s", summary)
     return {"summary": str(summary), "manifest": str(ws.manifest)}
 
 
+def _ingest_source(cfg: IngestConfig, ws: Workspace) -> IngestConfig:
+    """``cfg`` reading from the PACS inbox when a PACS is configured (what ingestion then ingests)."""
+    return cfg.model_copy(update={"input_dir": ws.pacs_incoming}) if cfg.pacs is not None else cfg
+
+
+def run_ingest_plan(cfg: IngestConfig, ws: Workspace, shards: int) -> dict:
+    """Sharded ingestion, step 1 of 3: pull from the PACS when one is configured, then plan the run and split the
+    files to parse into ``shards`` pieces (:func:`medtl.ingest.shards.plan_shards`; 2D only).
+
+    Args:
+        cfg: the ``ingest`` section.
+        ws: the run's workspace (every shard must see it, e.g. on a shared file system).
+        shards: how many pieces.
+
+    Returns:
+        ``{"shards": [files per shard], "files_in", "to_parse", "plan"}``.
+    """
+    from medtl.ingest.shards import plan_shards
+
+    if cfg.pacs is not None:
+        from medtl.ingest.sources import pull
+
+        log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
+    return plan_shards(_ingest_source(cfg, ws), ws, shards)
+
+
+def run_ingest_shard(cfg: IngestConfig, ws: Workspace, shard: int) -> dict:
+    """Sharded ingestion, step 2 of 3: the per-file work of one shard (:func:`medtl.ingest.shards.ingest_shard`).
+
+    Args:
+        cfg: the ``ingest`` section the plan was made with.
+        ws: the run's workspace.
+        shard: the shard's index.
+
+    Returns:
+        ``{"shard", "files", "quarantined", "results"}``.
+    """
+    from medtl.ingest.shards import ingest_shard
+
+    return ingest_shard(_ingest_source(cfg, ws), ws, shard)
+
+
+def run_ingest_merge(cfg: IngestConfig, ws: Workspace) -> dict:
+    """Sharded ingestion, step 3 of 3: settle every shard into the manifest and ledger
+    (:func:`medtl.ingest.shards.merge_shards`); returns what :func:`run_ingest` returns.
+
+    Args:
+        cfg: the ``ingest`` section the plan was made with.
+        ws: the run's workspace.
+
+    Returns:
+        ``{"summary", "manifest"}``.
+    """
+    from medtl.ingest.shards import merge_shards
+
+    summary = merge_shards(_ingest_source(cfg, ws), ws)
+    log.info("ingest: %s", summary)
+    return {"summary": str(summary), "manifest": str(ws.manifest)}
+
+
+@tracking.stage("pretrain")
 def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
     """Self-supervised pretraining on every non-test image (labels unused); exports ``<arch>.ssl``."""
     manifest = load_split_manifest(ws, data)
@@ -158,7 +223,8 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
     monitor = _knn_monitor(rows, backbone, data, cfg)
     result = fit(backbone, objective, loader, cfg.train, checkpoint_dir=ws.pretrain / "checkpoints",
                  fingerprint_extra={"init": init, "method": cfg.method, "data": digest},
-                 callbacks=[monitor] if monitor else (), description=f"pretrain {cfg.method}")
+                 callbacks=[*([monitor] if monitor else []), *tracking.epoch_callbacks()],
+                 description=f"pretrain {cfg.method}")
     knn_curve = [{"epoch": h["epoch"], "knn_acc": h["knn_acc"]} for h in result.history if "knn_acc" in h]
     card = {
         "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
@@ -168,6 +234,7 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
         "created_at": datetime.now(timezone.utc).isoformat(), "medtl_version": medtl.__version__,
     }
     path = save_backbone(backbone, ws.weights / f"{cfg.arch}.ssl", card)
+    tracking.log_model(path, path.with_suffix(".json"))
     _write_json(ws.pretrain / "card.json", card)
     return {"weights": str(path), "final_loss": result.history[-1].get("loss"), "seconds": result.seconds,
             "knn_curve": knn_curve}
@@ -185,6 +252,7 @@ def _knn_monitor(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, cfg: 
                       epochs=cfg.train.epochs, k=cfg.knn_k)
 
 
+@tracking.stage("select")
 def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     """Score every candidate backbone on the source hospitals' labeled train+val images and rank them."""
     manifest = load_split_manifest(ws, data)
@@ -213,6 +281,8 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
                "not_scored": selector.nan_reasons_, "skipped": skipped, "n_images": len(rows),
                "n_positive": int(y.sum())}
     _write_json(ws.select / "ranking.json", payload)
+    tracking.log_metrics({f"{r['backbone']}.{score}": r[score] for r in ranking for score in SCORES})
+    tracking.log_artifacts([ws.select / "ranking.json"], "select")
     log.info("select: %s", ", ".join(f"{r['backbone']} ({cfg.rank_by}={r[cfg.rank_by]:.3f})" for r in ranking))
     return payload
 
@@ -237,6 +307,7 @@ def _predict_all(model: Backbone, rows: pd.DataFrame, data: DataConfig, name: st
                          "prob": prob})
 
 
+@tracking.stage("finetune")
 def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
     """Fine-tune the chosen backbone on the source hospitals with ``cfg.strategy``; save model, card and predictions.
 
@@ -287,12 +358,70 @@ def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
                                 "images)",
             "history": transfer.history, "seconds": transfer.seconds}
     _save_model(kept.model, ws.finetune / "model", card)
+    tracking.log_model(ws.finetune / "model.safetensors", ws.finetune / "model.json")
     _write_parquet(_predict_all(kept.model, evaluation_rows(manifest), data, "finetuned"),
                    ws.finetune / "predictions.parquet")
     log.info("finetune: %s with %s, %d/%d parameters trained, val AUC %.3f (best %s at epoch %s); saved %s", name,
              cfg.strategy, transfer.params["trainable"], transfer.params["total"], transfer.val_auc, best_auc,
              best_epoch, card["saved_model"])
     return {k: v for k, v in card.items() if k != "history"}
+
+
+def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Workspace,
+                               n_bootstrap: int = 1000) -> dict:
+    """Leave-one-hospital-out evaluation of multi-source training, the domain-generalisation baseline.
+
+    For each hospital with labeled images, the chosen backbone is fine-tuned with ``cfg`` (strategy, budget,
+    early stopping) on the labeled ``train`` split of *every other* hospital, validated on their ``val`` split,
+    and tested on all labeled images of the held-out hospital, which training never saw. ``data``'s source and
+    target roles are not used: every hospital takes each role in turn.
+
+    Args:
+        cfg: the ``finetune`` section.
+        data: the splits and the transforms.
+        ws: reads the manifest (and ``select/ranking.json`` when ``cfg.backbone`` is unset); writes
+            ``loho/predictions.parquet`` (column ``model`` = ``loho:<held-out hospital>``) and
+            ``loho/summary.json``.
+        n_bootstrap: patient-level bootstrap resamples of the CIs.
+
+    Returns:
+        ``{"backbone", "strategy", "held_out": {hospital: {"train_hospitals", "train_images", "val_images",
+        "test_images", "val_auc", "auc", "auc_ci", "seconds"}}}`` as in ``summary.json``.
+
+    Raises:
+        ValueError: with fewer than two hospitals with labeled images.
+    """
+    manifest = load_split_manifest(ws, data)
+    labeled = manifest[manifest["label"].notna()]
+    hospitals = sorted(labeled["hospital"].unique())
+    if len(hospitals) < 2:
+        raise ValueError(f"leave-one-hospital-out needs labeled images from at least two hospitals, the manifest "
+                         f"has {hospitals}; label another hospital's images (ingest.labels_csv)")
+    name = _chosen_backbone(cfg, ws)
+    held_out, predictions = {}, []
+    for index, hospital in enumerate(hospitals):
+        others = labeled[labeled["hospital"] != hospital]
+        test = labeled[labeled["hospital"] == hospital]
+        trained = _finetune_one(name, cfg, data, others[others["split"] == "train"], others[others["split"] == "val"],
+                                ws, role=f"loho-{index}")
+        prob = positive_probability(trained.model, _eval_loader(test, trained.model, data))
+        y = test["label"].astype(int).to_numpy()
+        metrics = binary_metrics(y, prob, groups=test["patient_id"].to_numpy(), n_bootstrap=n_bootstrap)
+        held_out[hospital] = {
+            "train_hospitals": sorted(set(others["hospital"])), "train_images": int((others["split"] == "train").sum()),
+            "val_images": int((others["split"] == "val").sum()), "test_images": len(test),
+            "val_auc": _finite_or_none(trained.val_auc), "auc": _finite_or_none(metrics["auc"]["value"]),
+            "auc_ci": [_finite_or_none(metrics["auc"]["ci_low"]), _finite_or_none(metrics["auc"]["ci_high"])],
+            "seconds": trained.seconds}
+        predictions.append(pd.DataFrame({"model": f"loho:{hospital}", "hospital": hospital, "role": "held_out",
+                                         "patient_id": test["patient_id"].to_numpy(), "label": y, "prob": prob}))
+        log.info("leave-one-hospital-out: %s held out, trained on %d images of %s: AUC %.3f", hospital,
+                 held_out[hospital]["train_images"], ", ".join(held_out[hospital]["train_hospitals"]),
+                 metrics["auc"]["value"])
+    _write_parquet(pd.concat(predictions, ignore_index=True), ws.loho / "predictions.parquet")
+    summary = {"backbone": name, "strategy": cfg.strategy, "held_out": held_out}
+    _write_json(ws.loho / "summary.json", summary)
+    return summary
 
 
 @dataclass
@@ -456,9 +585,11 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
 
     early = (EarlyStopping("val_auc", mode="max", patience=cfg.early_stopping_patience)
              if cfg.early_stopping_patience is not None else None)
-    # Order matters: unfreezing first, then BatchNorm re-freezing, then validation, then early stopping reading it.
+    # Order matters: unfreezing first, then BatchNorm re-freezing, then validation, then early stopping reading it,
+    # then the tracker logging the epoch's values.
     callbacks = [*recipe.callbacks, *([_KeepBatchNormFrozen()] if cfg.batchnorm != "train" else []), validate,
-                 *([early] if early is not None else [])]
+                 *([early] if early is not None else []),
+                 *tracking.epoch_callbacks("" if role == "transfer" else f"{role}/")]
     loader = _train_loader(train_rows, model, data, cfg.train.batch_size)
     extra = {"backbone": name, "strategy": cfg.strategy, "settings": recipe.settings, "batchnorm": cfg.batchnorm,
              "early_stopping_patience": cfg.early_stopping_patience, "data": data_hash(train_rows)}
@@ -577,7 +708,7 @@ def load_finetuned(ws: Workspace) -> tuple[Backbone, dict]:
         raise FileNotFoundError(f"{stem}.safetensors not found: run `medtl finetune` first")
     card = json.loads(stem.with_suffix(".json").read_text())
     model = create_backbone(card["backbone"], num_classes=card["num_classes"], weights_dir=ws.weights)
-    model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))))
+    model.load_state_dict(load_tensors(stem.with_suffix(".safetensors")))
     return model.eval(), card
 
 
@@ -713,7 +844,7 @@ class _CandidateRecorder:
                 self._add(epoch, final_model, save=_tensor_metadata(path).get("fingerprint") != self.fingerprint)
             elif _tensor_metadata(path).get("fingerprint") == self.fingerprint:
                 model = copy.deepcopy(base)
-                model.load_state_dict(load_file(str(path)))
+                model.load_state_dict(load_tensors(path))
                 self._add(epoch, model.eval(), save=False)
             else:
                 reason = (f"epoch {epoch} was trained by an earlier call (fit resumed its checkpoint) and {path} "
@@ -820,6 +951,7 @@ def select_adapted(candidates: list[AdaptCandidate], scorer: str, seed: int = 0,
     }
 
 
+@tracking.stage("adapt")
 def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     """Adapt the fine-tuned model to the target hospital's unlabeled images, and choose among the adapted
     models without the target's labels.
@@ -906,7 +1038,8 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             extra = {"method": method, "base": card["backbone"]}
             recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, EntropyMinimisation(), loader, cfg.train, param_groups=[{"params": params}],
-                         checkpoint_dir=ws.adapt / "checkpoints" / method, callbacks=[recorder],
+                         checkpoint_dir=ws.adapt / "checkpoints" / method,
+                         callbacks=[recorder, *tracking.epoch_callbacks(f"{method}/")],
                          fingerprint_extra=extra, description="adapt tent")
             summary[method] = {"history": result.history, "seconds": result.seconds,
                                "trained_parameters": sum(p.numel() for p in params)}
@@ -925,7 +1058,8 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             extra = {"method": method, "base": card["backbone"], "reg": cfg.reg}
             recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, TaskWithAdaptation(plugin, reg=cfg.reg), loader, cfg.train,
-                         checkpoint_dir=ws.adapt / "checkpoints" / method, callbacks=[recorder],
+                         checkpoint_dir=ws.adapt / "checkpoints" / method,
+                         callbacks=[recorder, *tracking.epoch_callbacks(f"{method}/")],
                          fingerprint_extra=extra, description=f"adapt {method}")
             summary[method] = {"history": result.history, "seconds": result.seconds}
             candidates += recorder.collect(len(result.history), model, base)
@@ -942,7 +1076,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     selection["target_hospital"] = data.target_hospital
     selection["inputs"]["target_labeled_images"] = evaluate.n_target_labeled
     chosen = next(c for c in candidates if c.name == selection["chosen"]["candidate"])
-    atomic_save_tensors(load_file(str(chosen.weights)), ws.adapt / "chosen.safetensors",
+    atomic_save_tensors(load_tensors(chosen.weights), ws.adapt / "chosen.safetensors",
                         {"method": chosen.method, "epoch": json.dumps(chosen.epoch), "scorer": cfg.selection_scorer,
                          "score": repr(selection["chosen"]["score"]), "backbone": card["backbone"],
                          "num_classes": str(card["num_classes"])})
@@ -956,6 +1090,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital, "methods": cfg.methods,
                                             "reg": cfg.reg, "target_auc": target_auc, "details": summary,
                                             "chosen": short["chosen"], "selection": short})
+    tracking.log_model(ws.adapt / "chosen.safetensors", ws.adapt / "selection.json", ws.adapt / "summary.json")
     log.info("adapt: target AUC %s", ", ".join(f"{m}={a:.3f}" for m, a in target_auc.items()))
     log.info("adapt: unsupervised picks %s; chosen %s by %s; oracle (uses target labels, reporting only) %s",
              ", ".join(f"{s}={p['candidate']}" for s, p in selection["picks"].items()),
@@ -980,10 +1115,11 @@ def load_adapted(ws: Workspace) -> tuple[Backbone, dict]:
     info = {"method": meta["method"], "epoch": json.loads(meta["epoch"]), "scorer": meta["scorer"],
             "score": float(meta["score"]), "backbone": meta["backbone"], "num_classes": int(meta["num_classes"])}
     model = create_backbone(info["backbone"], num_classes=info["num_classes"], weights_dir=ws.weights)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_tensors(path))
     return model.eval(), info
 
 
+@tracking.stage("report")
 def run_report(config: PipelineConfig, ws: Workspace) -> dict:
     """Validation report (HTML, PDF and JSON) from the fine-tune and adapt stages' predictions and the workspace.
 
@@ -1025,8 +1161,57 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
     }
     result = build_report(predictions, context, config.report, ws.report)
     log.info("report: %s%s", result.html_path, f" and {result.pdf_path}" if result.pdf_path else "")
+    tracking.log_artifacts([result.html_path, result.json_path, *([result.pdf_path] if result.pdf_path else [])],
+                           "report")
     return {"html": str(result.html_path), "json": str(result.json_path),
             "pdf": str(result.pdf_path) if result.pdf_path else None, "summary_markdown": result.summary_markdown}
+
+
+def evaluation_sites(ws: Workspace) -> list[str]:
+    """The hospitals the fine-tuned model was evaluated at (``finetune/predictions.parquet``), sorted.
+
+    Args:
+        ws: the run's workspace.
+
+    Returns:
+        Hospital names as the manifest has them.
+    """
+    path = ws.finetune / "predictions.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run finetune first")
+    predictions = pd.read_parquet(path, columns=["model", "hospital"])
+    return sorted(predictions.loc[predictions["model"] == "finetuned", "hospital"].astype(str).unique())
+
+
+def run_evaluate_site(cfg: ReportConfig, ws: Workspace, hospital: str) -> dict:
+    """The fine-tuned model's metrics at one hospital, with the report's patient-level bootstrap CIs, written to
+    ``evaluate/<hospital>.json``: equal to that hospital's ``per_hospital`` entry of ``report.json``.
+
+    Args:
+        cfg: the ``report`` section (bootstrap size, confidence level, calibration bins).
+        ws: the run's workspace (reads ``finetune/predictions.parquet`` and the threshold in ``model.json``).
+        hospital: one of :func:`evaluation_sites`.
+
+    Returns:
+        ``{"hospital", "model", "threshold", "metrics", "file"}``; ``metrics`` is
+        :func:`medtl.evaluate.report.site_metrics` output.
+    """
+    from medtl.evaluate.report import site_metrics
+
+    predictions = pd.read_parquet(ws.finetune / "predictions.parquet")
+    rows = predictions[(predictions["model"] == "finetuned") & (predictions["hospital"].astype(str) == hospital)]
+    if len(rows) == 0:
+        raise ValueError(f"no predictions of the fine-tuned model at {hospital!r}; evaluated hospitals: "
+                         f"{evaluation_sites(ws)}")
+    threshold = float(json.loads((ws.finetune / "model.json").read_text())["threshold"])
+    payload = {"hospital": hospital, "model": "finetuned", "threshold": threshold,
+               "metrics": site_metrics(rows, threshold, cfg)}
+    # a readable name that stays unique when two hospitals differ only in characters a file name cannot hold
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in hospital)[:60]
+    path = ws.evaluate / f"{stem}-{hashlib.sha256(hospital.encode()).hexdigest()[:8]}.json"
+    _write_json(path, payload)
+    log.info("evaluate: %s AUC %s (n=%d)", hospital, payload["metrics"]["auc"]["value"], len(rows))
+    return {**payload, "file": str(path)}
 
 
 # manifest columns a subgroup attribute may come from (the manifest carries none of them today)
@@ -1178,13 +1363,18 @@ def _ingest_accounting(ws: Workspace) -> dict:
             "quarantine_reasons": quarantined["reason"].str.split(":").str[0].value_counts().to_dict()}
 
 
+def _recorded(values: pd.Series) -> bool:
+    """Whether any value is present (the manifest stores "" or NaN where de-identification removed it)."""
+    return bool(values.replace("", np.nan).notna().any())
+
+
 def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
     notes = ["Operating threshold chosen on the source validation split; sensitivity/specificity at other "
              "hospitals show how well it transfers, not a re-tuned operating point.",
              "Confidence intervals are patient-level bootstrap percentile intervals "
              f"({config.report.n_bootstrap} resamples); small hospitals give wide intervals."]
     unrecorded = [name for name, columns in (("sex", _SEX_COLUMNS), ("age", _AGE_COLUMNS))
-                  if not any(c in manifest.columns for c in columns)]
+                  if not any(_recorded(manifest[c]) for c in columns if c in manifest.columns)]
     if unrecorded:
         notes.append(f"Patient {' and '.join(unrecorded)} are not recorded in the manifest, so performance could "
                      "not be checked across them.")
@@ -1195,14 +1385,16 @@ def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict:
-    """Every stage in order, without Prefect (the Prefect flow in ``flows/pipeline.py`` does the same)."""
+    """Every stage in order, without Prefect (the Prefect flow in ``flows/pipeline.py`` does the same), inside
+    one tracking run (``config.tracking``) with a nested run per stage."""
     ws = Workspace(config.workdir)
-    if config.ingest.uses_synthetic_cohort:
-        run_synth(config.synth, ws)
-    run_ingest(config.ingest, ws)
-    if f"{config.pretrain.arch}.ssl" in config.select.candidates:
-        run_pretrain(config.pretrain, config.data, ws)
-    run_select(config.select, config.data, ws)
-    run_finetune(config.finetune, config.data, ws)
-    run_adapt(config.adapt, config.data, ws)
-    return run_report(config, ws)
+    with tracking.pipeline_run(config):
+        if config.ingest.uses_synthetic_cohort:
+            run_synth(config.synth, ws)
+        run_ingest(config.ingest, ws)
+        if f"{config.pretrain.arch}.ssl" in config.select.candidates:
+            run_pretrain(config.pretrain, config.data, ws)
+        run_select(config.select, config.data, ws)
+        run_finetune(config.finetune, config.data, ws)
+        run_adapt(config.adapt, config.data, ws)
+        return run_report(config, ws)

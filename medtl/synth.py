@@ -38,6 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
 from medtl.config import HospitalProfile, SynthConfig
+from medtl.data.shift import profile_from_spec, simulate_acquisition
 from medtl.ingest.sandbox import available_cpus
 
 logger = logging.getLogger("medtl.synth")
@@ -353,7 +354,8 @@ def render_density(anatomy: Anatomy, blobs: list[Blob], rows: int, columns: int,
 def acquire(density: np.ndarray, profile: HospitalProfile, rng: np.random.Generator) -> np.ndarray:
     """Turn a density map into the stored pixel values of one hospital's detector.
 
-    Applies the hospital's contrast, intensity curve (gamma), blur and noise, quantises to
+    Applies the hospital's contrast, intensity curve (gamma), blur and noise, then its
+    ``acquisition_shift`` through :func:`medtl.data.shift.simulate_acquisition` if it has one, quantises to
     ``bits_stored`` bits and stores MONOCHROME1 inverted. The modality value of a stored pixel is
     ``stored * rescale_slope + rescale_intercept`` (equivalently ``stored = (value - intercept) / slope``).
 
@@ -370,6 +372,9 @@ def acquire(density: np.ndarray, profile: HospitalProfile, rng: np.random.Genera
         signal = gaussian_filter(signal, profile.blur_sigma_px, mode="nearest")
     if profile.noise_std > 0:
         signal = signal + rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(profile.noise_std)
+    if profile.acquisition_shift is not None:
+        shift = profile_from_spec(profile.acquisition_shift, profile.name)
+        signal = simulate_acquisition(np.clip(signal, 0.0, 1.0)[None].astype(np.float32), shift, rng)[0]
     full_scale = 2 ** profile.bits_stored - 1
     stored = np.rint((_STORED_LOW + (_STORED_HIGH - _STORED_LOW) * np.clip(signal, 0.0, 1.0)) * full_scale)
     if profile.photometric == "MONOCHROME1":

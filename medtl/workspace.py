@@ -53,8 +53,18 @@ class Workspace:
         return self.root / "finetune"
 
     @property
+    def loho(self) -> Path:
+        """Leave-one-hospital-out evaluation of multi-source training."""
+        return self.root / "loho"
+
+    @property
     def adapt(self) -> Path:
         return self.root / "adapt"
+
+    @property
+    def evaluate(self) -> Path:
+        """Per-site metrics of the fine-tuned model, one JSON per hospital (the Prefect evaluate flow's fan-out)."""
+        return self.root / "evaluate"
 
     @property
     def report(self) -> Path:

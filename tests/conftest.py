@@ -41,6 +41,17 @@ class TinyNet(nn.Module):
                 for prefix in ("stem", "block", "classifier")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the whole suite: the networks here are tiny, and on a busy 2-core machine OpenMP's
+    threads mostly wait for each other (a 16-pixel forward pass measured 9x slower with two). Results are then also
+    bit-identical to the one-thread child processes of the DDP and fault tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)
@@ -61,3 +72,38 @@ def array_records(tmp_path: Path) -> list[dict]:
         np.save(path, np.clip(img, 0, 1))
         records.append({"image": str(path), "label": label, "hospital": "h1", "patient_id": f"p{i // 2}"})
     return records
+
+
+TINY_SOURCE, TINY_TARGET = "St. Aurelia General Hospital", "Harbor Valley Medical Center"
+
+
+def ingest_two_hospital_cohort(tmp_path_factory: pytest.TempPathFactory, unlabeled_per_hospital: int = 0):
+    """The source and target hospitals of configs/tiny.yaml, 32 labeled (plus ``unlabeled_per_hospital``) DICOM
+    images each, written and ingested into a fresh workspace; the converted ImageNet weights go to a private
+    cache, not the user's. Modules wrap this in a module-scoped fixture so that it runs once per module."""
+    from medtl.config import IngestConfig, load_config
+    from medtl.ingest import ingest_folder
+    from medtl.synth import write_cohort
+    from medtl.workspace import Workspace
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDTL_CACHE", str(tmp_path_factory.mktemp("medtl_cache")))
+        synth = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").synth
+        synth = synth.model_copy(update={
+            "hospitals": [h for h in synth.hospitals if h.institution in (TINY_SOURCE, TINY_TARGET)],
+            "labeled_per_hospital": 32, "unlabeled_per_hospital": unlabeled_per_hospital, "broken_files": 0,
+            "workers": 1})
+        ws = Workspace(tmp_path_factory.mktemp("cohort"))
+        write_cohort(synth, ws.dicom)
+        ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=32, workers=1), ws)
+        yield ws
+
+
+def run_folder_sharing_ingest(cohort, root: Path):
+    """A fresh run folder at ``root`` whose ingest is the (read-only) ingest of ``cohort``."""
+    from medtl.workspace import Workspace
+
+    ws = Workspace(root)
+    ws.root.mkdir()
+    ws.ingest.symlink_to(cohort.ingest.resolve(), target_is_directory=True)
+    return ws

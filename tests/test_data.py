@@ -83,3 +83,15 @@ def test_paired_loader_cycles_target(array_records):
     batches = list(PairedLoader(source, target))
     assert len(batches) == 4
     assert all(b["target"]["image"].shape[1:] == (1, 8, 8) for b in batches)
+
+
+def test_a_datasets_own_split_is_kept_and_the_rest_hashed():
+    m = _manifest().assign(split="")
+    m.loc[:9, "split"] = "test"  # e.g. a public benchmark's official test split
+    out = assign_splits(m, val_fraction=0.2, test_fraction=0.3, seed=0)
+    assert (out["split"].iloc[:10] == "test").all()
+    hashed = assign_splits(_manifest(), 0.2, 0.3, seed=0)
+    assert (out["split"].iloc[10:].to_numpy() == hashed["split"].iloc[10:].to_numpy()).all()
+    m.loc[0, "split"] = "holdout"
+    with pytest.raises(ValueError, match="'split' has \\['holdout'\\]; use train, val, test or empty"):
+        assign_splits(m, 0.2, 0.3)

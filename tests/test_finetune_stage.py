@@ -11,52 +11,27 @@ import pytest
 import torch
 
 from medtl import stages
-from medtl.config import ConfigError, DataConfig, FinetuneConfig, IngestConfig, TrainConfig, load_config
+from medtl.config import ConfigError, DataConfig, FinetuneConfig, TrainConfig, load_config
 from medtl.finetune import apply_batchnorm_policy
-from medtl.ingest import ingest_folder
 from medtl.models import create_backbone
-from medtl.synth import write_cohort
 from medtl.train.inference import positive_probability
 from medtl.workspace import Workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import TINY_SOURCE as SOURCE
+from tests.conftest import TINY_TARGET as TARGET
+from tests.conftest import ingest_two_hospital_cohort, run_folder_sharing_ingest
+
 BACKBONE = "efficientnet_lite0.imagenet"
-SOURCE, TARGET = "St. Aurelia General Hospital", "Harbor Valley Medical Center"
 DATA = DataConfig(source_hospitals=[SOURCE], target_hospital=TARGET, image_size=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these networks are tiny, and on a busy machine two threads spend most of each
-    operation waiting for each other (a 16-pixel forward pass measured 9x slower with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """Source and target hospitals of configs/tiny.yaml, 32 labeled images each, ingested once per module; the
-    converted ImageNet weights go to a private cache, not the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDTL_CACHE", str(tmp_path_factory.mktemp("medtl_cache")))
-        synth = load_config(ROOT / "configs" / "tiny.yaml").synth
-        synth = synth.model_copy(update={
-            "hospitals": [h for h in synth.hospitals if h.institution in (SOURCE, TARGET)],
-            "labeled_per_hospital": 32, "unlabeled_per_hospital": 0, "broken_files": 0, "workers": 1})
-        ws = Workspace(tmp_path_factory.mktemp("cohort"))
-        write_cohort(synth, ws.dicom)
-        ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=32, workers=1), ws)
-        yield ws
+    yield from ingest_two_hospital_cohort(tmp_path_factory)
 
 
 def _workspace(cohort: Workspace, tmp_path: Path) -> Workspace:
-    """A fresh run folder sharing the module's ingested cohort."""
-    ws = Workspace(tmp_path / "run")
-    ws.root.mkdir()
-    ws.ingest.symlink_to(cohort.ingest.resolve(), target_is_directory=True)
-    return ws
+    return run_folder_sharing_ingest(cohort, tmp_path / "run")
 
 
 def _config(epochs: int = 1, **settings) -> FinetuneConfig:
@@ -223,3 +198,44 @@ def test_strategy_config_keeps_old_configs_and_explains_mistakes(tmp_path):
         path.write_text(f"finetune:\n  {text}\n")
         with pytest.raises(ConfigError, match=message):
             load_config(path)
+
+
+def test_leave_one_hospital_out_trains_on_the_others_and_tests_on_the_unseen_one(cohort, tmp_path, monkeypatch):
+    ws = _workspace(cohort, tmp_path)
+    trained_on = []
+    original = stages._finetune_one
+
+    def spy(name, cfg, data, train_rows, val_rows, ws_, role):
+        trained_on.append((set(train_rows["hospital"]), set(val_rows["hospital"]), role))
+        return original(name, cfg, data, train_rows, val_rows, ws_, role)
+
+    monkeypatch.setattr(stages, "_finetune_one", spy)
+    summary = stages.run_leave_one_hospital_out(_config(), DATA, ws, n_bootstrap=20)
+    # held out in name order (Harbor Valley, then St. Aurelia), each trained on the other
+    assert trained_on == [({SOURCE}, {SOURCE}, "loho-0"), ({TARGET}, {TARGET}, "loho-1")]
+    assert list(summary["held_out"]) == [TARGET, SOURCE]
+    manifest = stages.load_split_manifest(ws, DATA)
+    for hospital, result in summary["held_out"].items():
+        assert result["train_hospitals"] == sorted({SOURCE, TARGET} - {hospital})
+        assert result["test_images"] == int((manifest["hospital"] == hospital).sum()) == 32
+        assert 0 <= result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1] <= 1
+    predictions = pd.read_parquet(ws.loho / "predictions.parquet")
+    assert predictions.groupby("model")["hospital"].unique().map(list).to_dict() == {
+        f"loho:{SOURCE}": [SOURCE], f"loho:{TARGET}": [TARGET]}
+    assert json.loads((ws.loho / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+    lonely = _workspace_with(cohort, tmp_path / "one", lambda m: m[m["hospital"] == SOURCE])
+    with pytest.raises(ValueError, match="at least two hospitals"):
+        stages.run_leave_one_hospital_out(_config(), DATA.model_copy(update={"target_hospital": SOURCE}), lonely)
+
+
+def _workspace_with(cohort: Workspace, root: Path, edit) -> Workspace:
+    """A run folder whose manifest is an edited copy of the module's."""
+    from medtl.ingest.manifest import read_manifest, write_table_atomic
+
+    ws = Workspace(root)
+    ws.ingest.mkdir(parents=True)
+    frame = edit(read_manifest(cohort))
+    frame["image"] = [str((cohort.ingest / p).resolve()) for p in frame["image"]]
+    write_table_atomic(frame, ws.manifest)
+    return ws

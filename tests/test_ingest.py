@@ -23,7 +23,8 @@ from medtl.workspace import Workspace
 from tests.test_synth import tiny_config
 
 MANIFEST_COLUMNS = ["image", "volume", "label", "patient_id", "study_uid", "series_uid", "sop_uid", "hospital", "vendor",
-                    "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm"]
+                    "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm", "sex", "age", "study_date",
+                    "split"]
 
 
 def ingest_config(input_dir: Path, **overrides) -> IngestConfig:
@@ -99,6 +100,36 @@ def test_manifest_schema_and_labels(ingested, cohort: Path) -> None:
     assert manifest["patient_id"].str.fullmatch(r"P[0-9a-f]{12}").all()
     # two images per patient in the tiny cohort
     assert manifest["patient_id"].nunique() == 12
+
+
+def test_sex_age_and_study_date_only_where_deidentification_keeps_them(ingested, cohort: Path,
+                                                                       tmp_path: Path) -> None:
+    ws, _ = ingested  # the basic profile removes dates and age and blanks sex
+    basic = load_manifest(ws)
+    assert (basic["sex"] == "").all() and basic["age"].isna().all() and (basic["study_date"] == "").all()
+    assert (basic["split"] == "").all()
+    kept = Workspace(tmp_path)
+    ingest_folder(ingest_config(cohort, deid=DeidConfig(retain_patient_characteristics=True,
+                                                        longitudinal_temporal="shift")), kept)
+    manifest = load_manifest(kept)
+    original = {}
+    for path in sorted(cohort.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        if "PatientSex" in ds:
+            original[hashlib.sha256(path.read_bytes()).hexdigest()] = ds
+    rows = manifest[manifest["content_hash"].isin(original)]
+    assert len(rows) == len(manifest) == 24
+    for _, row in rows.iterrows():
+        ds = original[row["content_hash"]]
+        assert row["sex"] == ds.PatientSex
+        assert row["age"] == pytest.approx(int(ds.PatientAge[:3]))  # the synthetic cohort's ages are in years
+        real = pd.Timestamp(ds.StudyDate)
+        shifted = pd.Timestamp(row["study_date"])
+        assert shifted < real  # Modified Dates: moved back by a keyed per-patient offset
+    for _, patient in rows.groupby("patient_id"):  # one offset per patient keeps the intervals between studies
+        offsets = {(pd.Timestamp(original[h].StudyDate) - pd.Timestamp(d)).days
+                   for h, d in zip(patient["content_hash"], patient["study_date"])}
+        assert len(offsets) == 1
 
 
 def test_arrays_are_float32_unit_range_squares(ingested) -> None:

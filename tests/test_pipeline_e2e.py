@@ -52,8 +52,13 @@ def test_pipeline_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
     source, external, target = HOSPITALS
     assert [s["hospital"] for s in report["data_provenance"]["sites"]] == [source, target, external]
     assert all(len(s["content_sha256"]) == 64 for s in report["data_provenance"]["sites"])
-    sex = next(a for a in report["subgroups"]["attributes"] if a["attribute"] == "sex")
-    assert sex["recorded"] is False  # the manifest carries no patient sex
+    # tiny.yaml keeps sex and age (Retain Patient Characteristics) and shifted study dates
+    attributes = {a["attribute"]: a for a in report["subgroups"]["attributes"]}
+    assert attributes["sex"]["recorded"] and {g["group"] for g in attributes["sex"]["groups"]} <= {
+        "female", "male", "other", "not recorded"}
+    assert attributes["age"]["recorded"] and sum(g["n"] for g in attributes["age"]["groups"]) == sum(
+        g["n"] for g in attributes["sex"]["groups"])
+    assert all(s["study_dates"] for s in report["data_provenance"]["sites"])
     assert report["negative_transfer"]["checked"] == report["context"]["finetune"]["negative_transfer"]["checked"]
     assert report["intended_use"]["is_default"]  # tiny.yaml keeps the placeholder, and the report says so
 

@@ -17,16 +17,6 @@ from medtl.train.core import CHECKPOINT_NAME, trainable_parameters
 from tests.conftest import TinyNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Toy networks gain nothing from intra-op threads, and on shared cores OpenMP's spinning threads make
-    # them up to 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _toy_images(n: int, size: int = 16, spatial_dims: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` distinct blocky random images; odd ones (label 1) carry a bright centre square or cube."""
     g = torch.Generator().manual_seed(seed)

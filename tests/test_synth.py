@@ -130,3 +130,32 @@ def test_rewrite_with_another_config_leaves_exactly_the_new_cohort(tmp_path: Pat
     dicoms = list(tmp_path.rglob("*.dcm"))
     assert len(dicoms) == summary.n_files == 2 * 4 + 1 + 1
     assert notes.exists()
+
+
+def test_acquisition_shift_goes_through_the_shift_simulator(tmp_path: Path) -> None:
+    import numpy as np
+
+    plain = tiny_config(labeled_per_hospital=4, unlabeled_per_hospital=0, broken_files=0)
+    shifted_hospitals = [plain.hospitals[0].model_copy(update={"acquisition_shift": {"preset": "collimated"}}),
+                         plain.hospitals[1]]
+    shifted = plain.model_copy(update={"hospitals": shifted_hospitals})
+    write_cohort(plain, tmp_path / "plain")
+    write_cohort(shifted, tmp_path / "shifted")
+    for path in sorted((tmp_path / "plain").rglob("*.dcm")):
+        a = pydicom.dcmread(path).pixel_array.astype(float)
+        b = pydicom.dcmread(tmp_path / "shifted" / path.relative_to(tmp_path / "plain")).pixel_array.astype(float)
+        if path.parent.name == "site_a":  # collimation: a border of 12 % of each side is blank, the centre unchanged
+            border = max(1, int(0.12 * a.shape[0]))
+            assert np.ptp(b[:border - 1]) == 0 and np.ptp(b[:, :border - 1]) == 0
+            assert np.array_equal(a[border + 1:-border - 1, border + 1:-border - 1],
+                                  b[border + 1:-border - 1, border + 1:-border - 1])
+        else:
+            assert np.array_equal(a, b)  # other hospitals are untouched
+
+
+def test_acquisition_shift_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="unknown field\\(s\\) \\['blurr'\\]"):
+        HospitalProfile(name="x", manufacturer="m", model_name="n", institution="i",
+                        acquisition_shift={"preset": "collimated", "blurr": 1.0})
+    with pytest.raises(ValueError, match="unknown preset profile 'portable'"):
+        HospitalProfile(name="x", manufacturer="m", model_name="n", institution="i", acquisition_shift="portable")

@@ -22,10 +22,14 @@ SPLITS = ("train", "val", "test", "unlabeled")
 
 
 def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int = 0) -> pd.DataFrame:
-    """Add a ``split`` column: train / val / test for labeled rows (by patient), ``unlabeled`` otherwise.
+    """Set the ``split`` column: train / val / test for labeled rows (by patient), ``unlabeled`` otherwise.
+
+    A labeled row that already has a split (a dataset's official one, in the manifest's ``split`` column) keeps
+    it; the others are assigned by a hash of their patient.
 
     Args:
-        manifest: rows with at least ``patient_id`` and a nullable ``label``.
+        manifest: rows with at least ``patient_id`` and a nullable ``label`` (and optionally ``split``:
+            ``train`` / ``val`` / ``test`` or empty).
         val_fraction, test_fraction: fractions of labeled patients.
         seed: changes the assignment; the same seed always gives the same split.
 
@@ -33,9 +37,15 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
         A copy of ``manifest`` with the ``split`` column.
     """
     out = manifest.copy()
+    given = (out["split"].fillna("").astype(str) if "split" in out.columns
+             else pd.Series("", index=out.index, dtype=str))
+    unknown = sorted(set(given) - {"", "train", "val", "test"})
+    if unknown:
+        raise ValueError(f"manifest column 'split' has {unknown}; use train, val, test or empty (= assign by patient)")
     u = out["patient_id"].map(lambda pid: _unit_hash(f"{seed}:{pid}"))
     labeled = out["label"].notna()
-    out["split"] = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+    hashed = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+    out["split"] = np.where(given != "", given, hashed)
     out.loc[~labeled, "split"] = "unlabeled"
     return out
 

@@ -160,6 +160,42 @@ PRESET_PROFILES: Mapping[str, AcquisitionProfile] = MappingProxyType({
 """Named profiles, one kind of shift each (read-only; build a new :class:`AcquisitionProfile` to combine them)."""
 
 
+def profile_from_spec(spec: str | Mapping[str, Any] | AcquisitionProfile, name: str) -> AcquisitionProfile:
+    """An :class:`AcquisitionProfile` from what a YAML config can hold.
+
+    Args:
+        spec: a ``PRESET_PROFILES`` name; or a mapping of :class:`AcquisitionProfile` fields, optionally with
+            ``preset`` naming the profile they change (e.g. ``{"preset": "low_dose_portable", "collimation": 0.1}``);
+            or a profile (returned renamed).
+        name: the profile's name (e.g. the hospital's).
+
+    Returns:
+        The validated profile.
+
+    Raises:
+        ValueError: on an unknown preset or field, or a value out of range (the message names it).
+
+    Examples:
+        >>> profile_from_spec({"preset": "collimated", "blur_sigma": 1.0}, "site_b").collimation
+        0.12
+    """
+    if isinstance(spec, AcquisitionProfile):
+        return dataclasses.replace(spec, name=name)
+    if isinstance(spec, str):
+        return dataclasses.replace(_resolve_profile(spec), name=name)
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"acquisition shift of {name!r} must be a preset name or a mapping of AcquisitionProfile "
+                        f"fields, got {type(spec).__name__}")
+    fields = dict(spec)
+    base = _resolve_profile(fields.pop("preset")) if "preset" in fields else AcquisitionProfile(name)
+    known = {f.name for f in dataclasses.fields(AcquisitionProfile)} - {"name"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"acquisition shift of {name!r}: unknown field(s) {unknown}; use preset or any of "
+                         f"{sorted(known)}")
+    return dataclasses.replace(base, name=name, **fields)
+
+
 def simulate_acquisition(image: np.ndarray, profile: AcquisitionProfile,
                          rng: np.random.Generator | int) -> np.ndarray:
     """Re-acquire an image as the hospital of ``profile`` would.

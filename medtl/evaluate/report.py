@@ -436,6 +436,33 @@ def _evaluate(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dict:
     return result
 
 
+def site_metrics(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dict:
+    """One hospital's entry of the report's ``per_hospital`` section, as ``report.json`` holds it.
+
+    Lets a caller evaluate sites separately (e.g. one task per hospital) and get exactly the report's numbers:
+    the same bootstrap (patient-level, fixed seed), calibration and ROC.
+
+    Args:
+        rows: one model's predictions at one hospital, with ``role``, ``patient_id``, ``label`` and ``prob``.
+        threshold: the operating threshold.
+        cfg: the ``report`` section (bootstrap size, confidence level, calibration bins).
+
+    Returns:
+        ``{"role", "auc", ..., "calibration", "roc"}`` in plain JSON types.
+
+    Raises:
+        ValueError: when ``rows`` is empty or spans several hospitals or roles.
+    """
+    if len(rows) == 0:
+        raise ValueError("site_metrics needs at least one prediction")
+    for column in ("hospital", "role"):
+        if column in rows and rows[column].nunique() > 1:
+            raise ValueError(f"site_metrics takes one hospital's rows; these have several {column}s: "
+                             f"{sorted(rows[column].astype(str).unique())}")
+    rows = rows.assign(label=rows["label"].astype("int64"), prob=rows["prob"].astype("float64"))
+    return _jsonable({"role": str(rows["role"].iloc[0]), **_evaluate(rows, float(threshold), cfg)})
+
+
 def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
     threshold = float(ctx["threshold"])
     primary = ctx["primary_model"]

@@ -84,6 +84,39 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
         FileNotFoundError: when the input folder or a configured labels CSV does not exist.
         ValueError: for an unknown ``site_attribute``, an invalid ``deid.uid_root`` or a malformed labels CSV.
     """
+    prepared = prepare_ingest(cfg, ws)
+    return finish_ingest(ws, prepared, _run(prepared.plan.jobs, prepared.settings, cfg))
+
+
+@dataclass
+class PreparedIngest:
+    """Everything decided before any file is parsed: the inputs, the labels, the ledger and manifest this run
+    starts from and the plan (which files need a worker). :func:`finish_ingest` settles the workers' results
+    against it; :mod:`medtl.ingest.shards` stores it to run the workers as separate tasks."""
+
+    input_dir: Path
+    files: list[tuple[str, Path]]
+    labels: dict[str, int]
+    settings: WorkerSettings
+    ledger: pd.DataFrame  # the stored ledger without the entries of images that went missing
+    manifest: pd.DataFrame  # likewise for the manifest
+    plan: _Plan
+
+
+def prepare_ingest(cfg: IngestConfig, ws: Workspace) -> PreparedIngest:
+    """Check the config, find and hash the inputs and plan the run; resets the staging folder.
+
+    Args:
+        cfg: the ``ingest`` config section.
+        ws: the run's workspace.
+
+    Returns:
+        The :class:`PreparedIngest` whose ``plan.jobs`` are the files a worker must parse.
+
+    Raises:
+        FileNotFoundError: when the input folder or a configured labels CSV does not exist.
+        ValueError: for an unknown ``site_attribute``, an invalid ``deid.uid_root`` or a malformed labels CSV.
+    """
     input_dir = Path(cfg.input_dir) if cfg.input_dir is not None else ws.dicom
     if not input_dir.is_dir():
         raise FileNotFoundError(f"ingest input folder {input_dir} does not exist; set ingest.input_dir "
@@ -104,18 +137,33 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     remove_partial_files(ws.ingest)
     shutil.rmtree(_staging(ws), ignore_errors=True)
     _staging(ws).mkdir(parents=True)
-    stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
-    ledger, manifest = drop_missing_images(stored_ledger, stored_manifest, ws)
+    ledger, manifest = drop_missing_images(load_ledger(ws), read_manifest(ws), ws)
     logger.info("ingesting %d files from %s", len(files), input_dir)
+    return PreparedIngest(input_dir=input_dir, files=files, labels=labels, settings=settings, ledger=ledger,
+                          manifest=manifest, plan=_plan(files, ledger, input_dir))
 
-    plan = _plan(files, ledger, input_dir)
+
+def finish_ingest(ws: Workspace, prepared: PreparedIngest, results: Iterable[FileResult]) -> IngestSummary:
+    """Settle the workers' results in input order, write the manifest and ledger, and account for every file.
+
+    Args:
+        ws: the run's workspace.
+        prepared: from :func:`prepare_ingest`.
+        results: one :class:`FileResult` per ``prepared.plan.jobs`` entry, in that order (an iterator is
+            consumed as it comes, with a checkpoint every :data:`CHECKPOINT_SECONDS`).
+
+    Returns:
+        The run's :class:`IngestSummary`.
+    """
+    stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
+    ledger, manifest, plan = prepared.ledger, prepared.manifest, prepared.plan
 
     def save(new_rows: list[dict], ingested_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
         # Manifest first: a kill between the two writes leaves rows the ledger does not know yet, which the next
         # run ingests again and merges away by content hash, never a ledger entry without its manifest row.
         new_ledger = _concat(ledger, as_table(plan.duplicates + new_rows, LEDGER_COLUMNS), LEDGER_COLUMNS)
         new_manifest = apply_labels(merge_manifest(manifest, as_table(ingested_rows, MANIFEST_COLUMNS)),
-                                    new_ledger, labels)
+                                    new_ledger, prepared.labels)
         new_ledger = new_ledger.sort_values("path", kind="stable", ignore_index=True)
         new_manifest = new_manifest.sort_values("image", kind="stable", ignore_index=True)
         if not ws.manifest.is_file() or not new_manifest.equals(stored_manifest):
@@ -124,20 +172,20 @@ def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
             write_table_atomic(new_ledger, ledger_path(ws))
         return new_ledger, new_manifest
 
-    new_rows, ingested_rows = _process(plan.jobs, settings, cfg, manifest, ws, checkpoint=save)
+    new_rows, ingested_rows = _process(results, len(plan.jobs), prepared.settings, manifest, ws, checkpoint=save)
     new_ledger, new_manifest = save(new_rows, ingested_rows)
 
     counts = Counter(status for status, _ in plan.already)
     counts.update(row["status"] for row in plan.duplicates + new_rows)
     hospital_of = dict(zip(new_manifest["image"], new_manifest["hospital"]))
-    this_run = {rel for rel, _ in files}
+    this_run = {rel for rel, _ in prepared.files}
     per_hospital = Counter(hospital_of.get(image, "unknown")  # ingested files per hospital
                            for path, status, image in zip(new_ledger["path"], new_ledger["status"], new_ledger["image"])
                            if status == "ingested" and path in this_run)
-    summary = IngestSummary(files_in=len(files), ingested=counts["ingested"], quarantined=counts["quarantined"],
-                            duplicates=counts["duplicate"], skipped_already_done=len(plan.already),
-                            per_hospital=dict(sorted(per_hospital.items())), manifest_rows=len(new_manifest),
-                            manifest=ws.manifest)
+    summary = IngestSummary(files_in=len(prepared.files), ingested=counts["ingested"],
+                            quarantined=counts["quarantined"], duplicates=counts["duplicate"],
+                            skipped_already_done=len(plan.already), per_hospital=dict(sorted(per_hospital.items())),
+                            manifest_rows=len(new_manifest), manifest=ws.manifest)
     if summary.files_in != summary.ingested + summary.quarantined + summary.duplicates:
         raise RuntimeError(f"ingest accounting does not balance: {summary}; this is a bug in medtl.ingest")
     logger.info("%s", summary)
@@ -189,9 +237,10 @@ def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame, input_dir: Path) 
     return plan
 
 
-def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, manifest: pd.DataFrame, ws: Workspace,
-             checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
-    """Ingest or quarantine each job; returns its ledger rows and the new manifest rows.
+def _process(results: Iterable[FileResult], n_jobs: int, settings: WorkerSettings, manifest: pd.DataFrame,
+             ws: Workspace, checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
+    """Ingest or quarantine each job from its worker result (in input order); returns its ledger rows and the new
+    manifest rows.
 
     ``checkpoint(ledger_rows, manifest_rows)`` is called every :data:`CHECKPOINT_SECONDS` so that a run
     that is killed loses at most that much work.
@@ -201,7 +250,7 @@ def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, m
     ledger_rows: list[dict] = []
     manifest_rows: list[dict] = []
     slices: list[FileResult] = []
-    for i, result in enumerate(_run(jobs, settings, cfg), start=1):
+    for i, result in enumerate(results, start=1):
         job = result.job
         if result.headers and not result.reason:
             slices.append(_move_staged(result, ws))
@@ -218,8 +267,8 @@ def _process(jobs: list[FileJob], settings: WorkerSettings, cfg: IngestConfig, m
             sop_owner[sop] = job.content_hash
             manifest_rows.append(_store(result, ws))
             ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "ingested", "", manifest_rows[-1]["image"]))
-        if i % max(1, len(jobs) // 10) == 0 or i == len(jobs):
-            logger.info("processed %d/%d new files", i, len(jobs))
+        if i % max(1, n_jobs // 10) == 0 or i == n_jobs:
+            logger.info("processed %d/%d new files", i, n_jobs)
         if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
             checkpoint(ledger_rows, manifest_rows)
             last_checkpoint = time.monotonic()

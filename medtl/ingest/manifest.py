@@ -34,6 +34,14 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "rows": "int64",  # original matrix size, before resizing
     "columns": "int64",
     "pixel_spacing_mm": "float64",  # original row spacing (PixelSpacing, else ImagerPixelSpacing); NaN if absent
+    # After de-identification, so present only where the options keep them (ingest.retain_patient_characteristics,
+    # ingest.longitudinal_temporal); they feed the report's subgroup table and provenance dates.
+    "sex": "str",  # PatientSex: M / F / O, "" when not recorded or removed
+    "age": "float64",  # PatientAge in years (D/W/M units converted); NaN when not recorded or removed
+    "study_date": "str",  # StudyDate as YYYY-MM-DD (shifted under longitudinal_temporal="shift"); "" when removed
+    # A dataset's own split (train / val / test) when it comes with one, e.g. a public benchmark's official split;
+    # "" = assigned by patient hash (medtl.data.datasets.assign_splits). DICOM ingestion leaves it "".
+    "split": "str",
 }
 
 LEDGER_COLUMNS: dict[str, str] = {

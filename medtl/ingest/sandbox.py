@@ -137,8 +137,14 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 # last ones go one by one so that no worker idles while another still holds a batch
                 size = max(1, min(_BATCH, len(queue) // (2 * workers)))
                 batch = tuple(queue.popleft() for _ in range(size))
-                with _main_module_hidden():  # submit starts the workers it needs
-                    inflight.append((batch, pool.submit(_run_batch, fn, batch)))
+                try:
+                    with _main_module_hidden():  # submit starts the workers it needs
+                        inflight.append((batch, pool.submit(_run_batch, fn, batch)))
+                except BrokenProcessPool:  # a batch in flight killed its worker: the handling below names it
+                    queue.extendleft(reversed(batch))
+                    break
+            if not inflight:  # broken before anything was submitted: no job is to blame, start a fresh pool
+                return
             batch, future = inflight[0]
             if head_deadline is None:  # the head's time limit runs from when it reached the head, as before
                 head_deadline = time.monotonic() + timeout_s

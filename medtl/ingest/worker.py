@@ -124,7 +124,9 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
         }
         clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
-                      series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID))
+                      series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID),
+                      sex=_patient_sex(clean), age=age_in_years(str(clean.get("PatientAge", "") or "")),
+                      study_date=_iso_date(str(clean.get("StudyDate", "") or "")), split="")
         stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
         outputs = {}
         if array is not None:
@@ -188,6 +190,34 @@ def dicomdir_reason(ds: Dataset) -> str:
 def _model_array(ds: Dataset, settings: WorkerSettings) -> np.ndarray:
     voi = voi_window(ds) if settings.windowing == "dicom" else None
     return preprocess(decode(ds), settings.image_size, voi=voi).astype(np.float32)
+
+
+def _patient_sex(ds: Dataset) -> str:
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    return sex if sex in ("M", "F", "O") else ""
+
+
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_in_years(value: str) -> float:
+    """A DICOM Age String (``nnnD``, ``nnnW``, ``nnnM`` or ``nnnY``) in years; NaN when empty or malformed.
+
+    Examples:
+        >>> age_in_years("045Y"), age_in_years("006M"), math.isnan(age_in_years(""))
+        (45.0, 0.5, True)
+    """
+    value = value.strip().upper()
+    if len(value) != 4 or not value[:3].isdigit() or value[3] not in _AGE_UNIT_YEARS:
+        return math.nan
+    return int(value[:3]) * _AGE_UNIT_YEARS[value[3]]
+
+
+def _iso_date(value: str) -> str:
+    value = value.strip()
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return ""
 
 
 def _pixel_spacing(ds: Dataset) -> float:

@@ -6,7 +6,6 @@ ICML 2020. The projection head and NT-Xent loss are lightly's.
 
 from __future__ import annotations
 
-import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor, nn

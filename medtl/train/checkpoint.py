@@ -2,8 +2,12 @@
 
 A checkpoint holds the model's and the objective's state, the optimizer's and the scheduler's
 tensors, and a JSON header (epoch, optimizer hyper-parameters, a fingerprint of the run's
-configuration). Writes are atomic (temp file + ``os.replace``) so a run killed mid-write leaves
-the previous checkpoint intact.
+configuration). Writes are atomic and durable (temp file, ``fsync``, ``os.replace``, ``fsync`` of the
+folder) so a run killed mid-write, or a machine that loses power, leaves the previous checkpoint intact.
+
+Loading never unpickles: a file at a checkpoint path that is not safetensors (a ``torch.save`` pickle
+renamed, say) is refused by :func:`check_safetensors_file` with :class:`CheckpointError`, before any
+parser other than the first bytes' check sees it.
 """
 
 from __future__ import annotations
@@ -18,19 +22,118 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _SEP = "::"
+# safetensors: an 8-byte little-endian header length, then the JSON header. These start other formats.
+_PICKLE_PROTOCOL = b"\x80"  # pickle protocol 2 and later (torch.save's legacy format)
+_ZIP = b"PK\x03\x04"  # torch.save's default format: a zip archive holding a pickle
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header size
+
+
+class CheckpointError(ValueError):
+    """A file where a safetensors checkpoint or weights should be is something else; it is never unpickled."""
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (shared storage is cloned: safetensors refuses aliases)."""
+    """Write a safetensors file atomically and durably (shared storage is cloned: safetensors refuses aliases).
+
+    Args:
+        tensors: name → tensor (any device; written from the CPU).
+        path: the destination; its folder is created.
+        metadata: string → string, stored in the safetensors header.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _fsync(tmp)  # the bytes reach the disk before the rename makes them the checkpoint
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some systems (Windows); the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # nor fsynced on some filesystems
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files that :func:`atomic_save_tensors` left next to ``path`` when killed mid-write.
+
+    Only for a file one process owns (fit's checkpoint): another writer's temporary file would be deleted too.
+
+    Args:
+        path: the checkpoint path.
+
+    Returns:
+        The deleted files.
+    """
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f"{_temporary_prefix(path)}*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse ``path`` unless it looks like a safetensors file, without parsing anything else.
+
+    A pickle (``torch.save`` output, possibly renamed ``.safetensors``) could run arbitrary code when loaded;
+    medtl never loads one, so it is named for what it is and refused.
+
+    Args:
+        path: the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: ``path`` is a pickle, a zip archive or otherwise not safetensors; the message names the
+            file and says what to do.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    size = path.stat().st_size
+    if head.startswith(_ZIP) or head.startswith(_PICKLE_PROTOCOL):
+        kind = "a PyTorch zip archive (torch.save)" if head.startswith(_ZIP) else "a Python pickle"
+        raise CheckpointError(
+            f"{path} is {kind}, not safetensors: refused, because loading a pickle can run arbitrary code and medtl "
+            "never unpickles. If it is a training checkpoint, delete or move it (or point checkpoint_dir elsewhere) "
+            "and the run trains from the start; if it holds weights you trust, convert them once with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')")
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or not 0 < header_len <= min(size - 8, _MAX_HEADER) or head[8:9] != b"{":
+        raise CheckpointError(f"{path} is not a safetensors file (truncated, or another format); delete or move it "
+                              "(or point checkpoint_dir elsewhere) so that it is written afresh")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU, after :func:`check_safetensors_file`.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        Name → tensor.
+
+    Raises:
+        CheckpointError: the file is a pickle or not safetensors.
+    """
+    check_safetensors_file(path)
+    return load_file(str(path))
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
@@ -60,29 +163,40 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.M
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a checkpoint, without loading its tensors."""
-    from safetensors import safe_open
+    """The JSON header of a checkpoint, without loading its tensors.
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    Raises:
+        CheckpointError: the file is a pickle, not safetensors, or a safetensors file without medtl's header.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    check_safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); delete or move it (or point "
+                              "checkpoint_dir elsewhere) so that it is written afresh") from exc
     if "medtl_checkpoint" not in meta:
-        raise ValueError(f"{path} is not a medtl training checkpoint (no 'medtl_checkpoint' header); "
-                         "delete it or point checkpoint_dir elsewhere")
+        raise CheckpointError(f"{path} is not a medtl training checkpoint (no 'medtl_checkpoint' header); "
+                              "delete or move it, or point checkpoint_dir elsewhere")
     return json.loads(meta["medtl_checkpoint"])
 
 
-def read_fingerprint(path: Path) -> str | None:
-    try:
-        return read_header(path)["fingerprint"]
-    except Exception:  # an unreadable or foreign file is simply not resumable
-        return None
+def read_fingerprint(path: Path) -> str:
+    """The fingerprint of the run settings a checkpoint was written with (see :func:`medtl.train.core.run_fingerprint`).
+
+    Raises:
+        CheckpointError: as :func:`read_header`: a file that is not a medtl checkpoint is never overwritten silently.
+    """
+    return read_header(path)["fingerprint"]
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Restore the states saved by :func:`save_checkpoint`; returns the JSON header."""
     header = read_header(path)
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     model.load_state_dict(_strip(tensors, "model"))
     objective.load_state_dict(_strip(tensors, "objective"))
     state: dict[int, dict[str, Any]] = {}

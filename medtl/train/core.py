@@ -11,6 +11,9 @@ whether or not the run was interrupted before it.
 Stopping early: a callback sets ``logs["stop_training"] = True`` (see :data:`STOP_TRAINING`, and
 :class:`medtl.finetune.EarlyStopping`); ``fit`` ends after that epoch, writes a checkpoint, and a later
 call with the same checkpoint resumes to "finished" instead of training on.
+
+Several processes: under ``torchrun`` with ``torch.distributed`` initialised, the same ``fit`` trains with
+DistributedDataParallel; see :mod:`medtl.train.distributed`. A single process runs exactly as without it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medtl.config import TrainConfig
-from medtl.train.checkpoint import load_checkpoint, read_fingerprint, save_checkpoint
+from medtl.train.checkpoint import load_checkpoint, read_fingerprint, remove_stale_temporaries, save_checkpoint
 from medtl.train.objectives import Objective
 
 log = logging.getLogger("medtl.train")
@@ -178,12 +181,31 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         fingerprint_extra: anything else that must match for a checkpoint to be resumed.
         description: label of the progress bar.
 
+    Under ``torch.distributed`` with several processes (see :mod:`medtl.train.distributed`): each rank trains on
+    ``cuda:LOCAL_RANK`` (or the CPU) with its share of every batch of ``loader``, the model and objective run
+    inside DistributedDataParallel, callbacks see logs averaged over the ranks, a stop on any rank stops all,
+    and only rank 0 writes the checkpoint (the others wait for it).
+
     Returns:
         :class:`FitResult`; the model is left on the training device, in eval mode.
+
+    Raises:
+        ValueError: an empty loader, or nothing to train.
+        CheckpointError: ``checkpoint_dir`` holds a file that is not a medtl safetensors checkpoint (a pickle,
+            say); it is neither loaded nor overwritten.
+        RuntimeError: a torchrun environment without an initialised process group.
+        FloatingPointError: the loss stopped being finite.
     """
+    # imported here, not at the top: `python -m medtl.train.distributed` must not find itself imported already
+    from medtl.train.distributed import DistributedStep, current_context, shard_loader
+
     if len(loader) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{description}: the training loader is empty; check the manifest and the split settings")
+    ctx = current_context()  # None: one process, the unchanged single-process path
     device = select_device(cfg.device)
+    if ctx is not None:
+        device = ctx.device(cfg.device, device)
+        loader = shard_loader(loader, ctx)
     seed_everything(cfg.seed, cfg.deterministic)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     if cfg.precision == "bf16" and device.type != "cuda":
@@ -209,6 +231,9 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
     result = FitResult(device=str(device))
     start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt_path is not None and (ctx is None or ctx.is_main):
+        for stale in remove_stale_temporaries(ckpt_path):  # left by a run killed while writing its checkpoint
+            log.info("%s: removed %s, the unfinished write of a killed run", description, stale)
     if ckpt_path is not None and ckpt_path.exists():
         if read_fingerprint(ckpt_path) == fingerprint:
             header = load_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer,
@@ -225,6 +250,10 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         else:
             log.warning("%s: %s was written with other settings; training from the start and replacing it",
                         description, ckpt_path)
+    step = None
+    if ctx is not None:
+        ctx.agree(start_epoch, "the epoch to resume from", device)
+        step = DistributedStep(model, objective, device)
 
     for callback in callbacks:
         if callable(getattr(callback, "on_fit_start", None)):
@@ -242,18 +271,22 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
                         "include_frozen=True)", description)
         seed_everything(cfg.seed + epoch, cfg.deterministic)
         _set_epoch(loader, epoch)
+        ddp = step.refresh(params_to_clip) if step is not None else None
         model.train()
         objective.train()
         sums: dict[str, float] = {}
         n_steps = 0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"{description} {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, mininterval=2.0)
+                   disable=not cfg.progress or (ctx is not None and not ctx.is_main), leave=False, mininterval=2.0)
         for batch in bar:
             batch = to_device(batch, device, channels_last)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
             with autocast:
-                loss, logs = objective(model, batch)
-            if not torch.isfinite(loss):
+                loss, logs = ddp(batch) if ddp is not None else objective(model, batch)
+            finite = bool(torch.isfinite(loss))
+            if ctx is not None:  # every rank raises together, instead of the others waiting for it forever
+                finite = not ctx.any(not finite, device)
+            if not finite:
                 raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch + 1}; "
                                          "lower train.lr or enable grad_clip_norm")
             optimizer.zero_grad(set_to_none=True)
@@ -266,12 +299,18 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps += 1
             bar.set_postfix(loss=f"{logs.get('loss', loss.item()):.4f}")
-        epoch_logs: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(1, n_steps) for k, v in sums.items()},
-                                      "lr": scheduler.get_last_lr()[0]}
+        means = {k: v / max(1, n_steps) for k, v in sums.items()}
+        if step is not None:
+            step.sync_buffers()  # one and the same model on every rank before callbacks see it
+        if ctx is not None:
+            means = ctx.mean(means, device)
+        epoch_logs: dict[str, Any] = {"epoch": epoch + 1, **means, "lr": scheduler.get_last_lr()[0]}
         model.eval()
         for callback in callbacks:
             callback(epoch, model, epoch_logs)
         stop = bool(epoch_logs.pop(STOP_TRAINING, False))
+        if ctx is not None:
+            stop = ctx.any(stop, device)
         last = stop or epoch + 1 == cfg.epochs
         if stop:
             epoch_logs[STOP_TRAINING] = True
@@ -283,8 +322,11 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         log.info("%s epoch %d/%d %s", description, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in epoch_logs.items() if isinstance(v, float)))
         if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-            save_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                            epoch=epoch, fingerprint=fingerprint, history=result.history)
+            if ctx is None or ctx.is_main:
+                save_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer,
+                                scheduler=scheduler, epoch=epoch, fingerprint=fingerprint, history=result.history)
+            if ctx is not None:
+                ctx.barrier()  # no rank moves on (and may read the checkpoint) before it is complete
         if stop:
             result.stopped_epoch = epoch + 1
             log.info("%s: a callback stopped training after epoch %d of %d", description, epoch + 1, cfg.epochs)

@@ -1,0 +1,344 @@
+"""Cross-hospital shift on real chest radiographs: fine-tuning strategies, adaptation plugins, unsupervised
+model selection, leave-one-hospital-out and multi-source training, on PneumoniaMNIST split into simulated hospitals.
+
+Data: ``../shared/data/pneumoniamnist_28.npz`` (MedMNIST v2 PneumoniaMNIST, official splits). Per seed, the
+official *train* and *val* images are dealt into disjoint hospitals by :func:`medtl.data.shift.simulate_hospitals`,
+each re-acquired with its own :class:`~medtl.data.shift.AcquisitionProfile` (one hospital also gets a
+label-prevalence shift). Every hospital's *test* set is the whole official test split re-acquired with that
+hospital's profile (noise fixed across seeds, so the seeds are scored on the same images and a joint bootstrap of
+the seed-mean AUC is well defined); the prevalence-shifted hospital's test set is resampled to its prevalence.
+
+Everything runs through the product's own stages, on a workspace whose manifest holds these hospitals (with the
+official splits in the manifest's ``split`` column), so what is measured is what a user runs:
+
+* ``run_finetune`` with every fine-tuning strategy on the source hospital (ImageNet EfficientNet-Lite0; ``full``
+  also trains the negative-transfer gate's scratch baseline);
+* ``run_adapt`` per target hospital, from the ``full`` model, with every method (``source_only`` is the same
+  training with the zero plugin) and unsupervised selection of (method, epoch) by entropy, SND, DEV and IWCV,
+  next to the offline oracle pick that reads target labels;
+* the *target-supervised oracle*: ``run_finetune`` on the target hospital's own labeled training images;
+* *leave-one-hospital-out*: ``run_leave_one_hospital_out``: fine-tuning on every other hospital's labeled images
+  (multi-source training, the domain-generalisation baseline), evaluated on the held-out hospital.
+
+Gap recovery on a target = (AUC of the best adaptation - AUC of source_only) / (AUC of the target-supervised
+oracle - AUC of source_only), on seed-mean test AUCs. The hardest shift is the target with the largest
+source_only-to-oracle gap.
+
+Run: ``.venv/bin/python benchmarks/pneumoniamnist_shift.py`` (about 1 h on 2 CPU cores; finished runs are
+kept under ``--out`` and skipped); ``--quick`` for a few-minute smoke run. Results go to ``--out/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medtl.config import AdaptConfig, DataConfig, FinetuneConfig, TrainConfig
+from medtl.data.shift import PRESET_PROFILES, AcquisitionProfile, resample_prevalence, simulate_acquisition, \
+    simulate_hospitals
+from medtl.evaluate.metrics import binary_metrics
+from medtl.ingest.manifest import MANIFEST_COLUMNS, as_table, write_table_atomic
+from medtl.stages import run_adapt, run_finetune, run_leave_one_hospital_out
+from medtl.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "pneumoniamnist_28.npz"
+BACKBONE = "efficientnet_lite0.imagenet"
+SOURCE = PRESET_PROFILES["reference"]
+TARGETS = (
+    PRESET_PROFILES["low_dose_portable"],
+    AcquisitionProfile("old_detector_collimated", blur_sigma=1.5, downsample_factor=2.0, read_noise_sigma=0.01,
+                       contrast=-3.0, collimation=0.12, crop=0.1),
+    AcquisitionProfile("inverted_mis_windowed", invert=True, window_center=0.55, window_width=0.7),
+)
+# the portable unit's hospital sees fewer pneumonia cases (PneumoniaMNIST is 74 % pneumonia in train)
+PREVALENCE = {"low_dose_portable": 0.45}
+# every fine-tuning strategy, plus the layer-wise learning-rate decay and BatchNorm policies on top of "full"
+STRATEGIES = {"full": {}, "linear_probe": {}, "freeze": {"freeze_groups": 3}, "gradual_unfreeze": {},
+              "lp_ft": {"lp_epochs": 2}, "l2sp": {}, "lora": {}, "full+layer_decay": {"layer_decay": 0.7},
+              "full+batchnorm_frozen": {"batchnorm": "frozen"}, "full+batchnorm_adabn": {"batchnorm": "adabn"}}
+METHODS = ("source_only", "adabn", "tent", "coral", "mmd", "dann", "ot", "pseudo_label")
+SCORERS = ("entropy", "snd", "dev", "iwcv")
+
+log = logging.getLogger("benchmark")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _hospitals(seed: int, data: np.lib.npyio.NpzFile) -> dict[str, dict[str, dict]]:
+    """Per hospital and official split: images (n, 1, 28, 28) in [0, 1], labels, ids (``<split>-<index>``)."""
+    profiles = (SOURCE, *TARGETS)
+    prevalences = [PREVALENCE.get(p.name) for p in profiles]
+    out: dict[str, dict[str, dict]] = {p.name: {} for p in profiles}
+    for split in ("train", "val"):
+        images = data[f"{split}_images"].astype(np.float32)[:, None] / 255.0
+        labels = data[f"{split}_labels"].reshape(-1).astype(np.int64)
+        for site in simulate_hospitals(images, labels, profiles, prevalences, seed=seed):
+            out[site["name"]][split] = {"images": site["images"], "labels": site["labels"],
+                                        "ids": [f"{split}-{i}" for i in site["indices"]]}
+    images = data["test_images"].astype(np.float32)[:, None] / 255.0
+    labels = data["test_labels"].reshape(-1).astype(np.int64)
+    for h, profile in enumerate(profiles):
+        keep = (np.arange(len(labels)) if profile.name not in PREVALENCE
+                else resample_prevalence(labels, PREVALENCE[profile.name], np.random.default_rng([1000, h])))
+        # the test noise does not depend on the run seed: every seed is scored on the same images
+        shifted = np.stack([simulate_acquisition(images[i], profile, np.random.default_rng([1000, h, int(i)]))
+                            for i in keep])
+        out[profile.name]["test"] = {"images": shifted, "labels": labels[keep], "ids": [f"test-{i}" for i in keep]}
+    return out
+
+
+def write_arrays(hospitals: dict[str, dict[str, dict]], folder: Path) -> pd.DataFrame:
+    """Store every image as ``.npy`` and return manifest rows (all labeled, ``split`` = the official split)."""
+    rows = []
+    for hospital, splits in hospitals.items():
+        (folder / hospital).mkdir(parents=True, exist_ok=True)
+        for split, part in splits.items():
+            for image, label, image_id in zip(part["images"], part["labels"], part["ids"]):
+                path = folder / hospital / f"{image_id}.npy"
+                if not path.exists():
+                    np.save(path, image.astype(np.float32), allow_pickle=False)
+                uid = f"{hospital}.{image_id}"
+                rows.append({"image": str(path.resolve()), "volume": "", "label": int(label), "patient_id": image_id,
+                             "study_uid": uid, "series_uid": uid, "sop_uid": uid, "hospital": hospital,
+                             "vendor": hospital, "model": "", "modality": "CR",
+                             "content_hash": hashlib.sha256(image.tobytes() + uid.encode()).hexdigest(),
+                             "rows": image.shape[-2], "columns": image.shape[-1], "pixel_spacing_mm": float("nan"),
+                             "sex": "", "age": float("nan"), "study_date": "", "split": split})
+    return as_table(rows, MANIFEST_COLUMNS)
+
+
+def workspace(root: Path, manifest: pd.DataFrame) -> Workspace:
+    ws = Workspace(root)
+    ws.ingest.mkdir(parents=True, exist_ok=True)
+    if not ws.manifest.exists():
+        write_table_atomic(manifest, ws.manifest)
+    return ws
+
+
+def unlabeled_targets(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The adaptation setting: a target hospital's train and val images come without labels."""
+    out = manifest.copy()
+    out.loc[(out["hospital"] != SOURCE.name) & (out["split"] != "test"), "label"] = pd.NA
+    out.loc[out["label"].isna(), "split"] = ""
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_predictions(predictions: pd.DataFrame, hospital: str) -> pd.DataFrame:
+    rows = predictions[(predictions["hospital"] == hospital) & predictions["patient_id"].str.startswith("test-")]
+    return rows.sort_values("patient_id")
+
+
+def _data(args: argparse.Namespace, sources: list[str], target: str) -> DataConfig:
+    return DataConfig(source_hospitals=sources, target_hospital=target, image_size=args.size)
+
+
+def _finetune_cfg(args: argparse.Namespace, strategy: str, seed: int, scratch: bool = False) -> FinetuneConfig:
+    return FinetuneConfig(backbone=BACKBONE, strategy=strategy.split("+")[0], scratch_baseline=scratch,
+                          **STRATEGIES[strategy],
+                          train=TrainConfig(epochs=args.epochs, batch_size=64, lr=1e-3, seed=seed, progress=False))
+
+
+def run_seed(seed: int, data: np.lib.npyio.NpzFile, args: argparse.Namespace) -> dict:
+    """Every run of one seed; each run's result is a JSON file, skipped when present."""
+    root = args.out / f"seed{seed}"
+    done = root / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    labeled = write_arrays(_hospitals(seed, data), root / "arrays")
+    adapt_manifest = unlabeled_targets(labeled)
+    names = [SOURCE.name, *(t.name for t in TARGETS)]
+    result: dict = {"seed": seed, "finetune": {}, "adapt": {}, "oracle": {}, "loho": {}, "counts": {}}
+    for h in names:
+        rows = labeled[labeled["hospital"] == h]
+        result["counts"][h] = {s: int((rows["split"] == s).sum()) for s in ("train", "val", "test")}
+
+    def predictions_of(ws: Workspace, stage: str) -> pd.DataFrame:
+        return pd.read_parquet(getattr(ws, stage) / "predictions.parquet")
+
+    for strategy in STRATEGIES:
+        t0 = time.perf_counter()
+        ws = workspace(root / f"finetune_{strategy}", adapt_manifest)
+        card = run_finetune(_finetune_cfg(args, strategy, seed, scratch=strategy == "full"),
+                            _data(args, [SOURCE.name], TARGETS[0].name), ws)
+        frame = predictions_of(ws, "finetune")
+        result["finetune"][strategy] = {
+            "probs": {h: test_predictions(frame, h)["prob"].round(6).tolist() for h in names},
+            "trainable_params": card["trainable_params"], "val_auc": card["val_auc"],
+            "negative_transfer": card["negative_transfer"], "seconds": time.perf_counter() - t0}
+        log.info("seed %d finetune %s: %.0f s", seed, strategy, time.perf_counter() - t0)
+    for target in TARGETS:
+        t0 = time.perf_counter()
+        ws = workspace(root / f"adapt_{target.name}", adapt_manifest)
+        if not ws.finetune.exists():
+            ws.finetune.symlink_to((root / "finetune_full" / "finetune").resolve())
+        run_adapt(AdaptConfig(methods=list(METHODS), reg=1.0, selection_scorer="dev",
+                              train=TrainConfig(epochs=args.adapt_epochs, batch_size=64, lr=3e-4, seed=seed,
+                                                progress=False)),
+                  _data(args, [SOURCE.name], target.name), ws)
+        frame = predictions_of(ws, "adapt")
+        selection = json.loads((ws.adapt / "selection.json").read_text())
+        result["adapt"][target.name] = {
+            "probs": {m: test_predictions(g, target.name)["prob"].round(6).tolist() for m, g in frame.groupby("model")},
+            "picks": {s: {k: p.get(k) for k in ("candidate", "target_auc", "auc_gap_to_oracle")}
+                      for s, p in selection["picks"].items()},
+            "oracle_pick": {k: selection["oracle"].get(k) for k in ("candidate", "target_auc")},
+            "seconds": time.perf_counter() - t0}
+        log.info("seed %d adapt %s: %.0f s", seed, target.name, time.perf_counter() - t0)
+    for target in TARGETS:
+        ws = workspace(root / f"oracle_{target.name}", labeled)
+        others = [n for n in names if n != target.name]
+        run_finetune(_finetune_cfg(args, "full", seed), _data(args, [target.name], others[0]), ws)
+        result["oracle"][target.name] = test_predictions(predictions_of(ws, "finetune"), target.name)["prob"].round(
+            6).tolist()
+    ws = workspace(root / "loho", labeled)
+    run_leave_one_hospital_out(_finetune_cfg(args, "full", seed), _data(args, [SOURCE.name], TARGETS[0].name), ws,
+                               n_bootstrap=0)
+    frame = predictions_of(ws, "loho")
+    for held_out in names:  # scored on the held-out hospital's test images, as every other row of the tables
+        result["loho"][held_out] = test_predictions(frame[frame["model"] == f"loho:{held_out}"], held_out)[
+            "prob"].round(6).tolist()
+    result["labels"] = {h: labeled[(labeled["hospital"] == h) & (labeled["split"] == "test")]
+                        .sort_values("patient_id")["label"].astype(int).tolist() for h in names}
+    done.write_text(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def seed_mean_auc(labels: np.ndarray, probs: list[list[float]], n_bootstrap: int = 1000) -> dict:
+    """Mean over seeds of the test AUC, with a bootstrap CI that resamples test images jointly for all seeds."""
+    y = np.asarray(labels)
+    p = np.asarray(probs, dtype=np.float64)
+    per_seed = [binary_metrics(y, row, n_bootstrap=0)["auc"]["value"] for row in p]
+    rng = np.random.default_rng(0)
+    reps = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        reps.append(np.mean([binary_metrics(y[idx], row[idx], n_bootstrap=0)["auc"]["value"] for row in p]))
+    low, high = np.percentile(reps, [2.5, 97.5])
+    return {"auc": float(np.mean(per_seed)), "low": float(low), "high": float(high), "per_seed": per_seed}
+
+
+def summarise(results: list[dict], args: argparse.Namespace) -> str:
+    names = [SOURCE.name, *(t.name for t in TARGETS)]
+    labels = results[0]["labels"]
+    auc = {}  # (row, hospital) -> stats
+
+    def add(row: str, hospital: str, probs: list[list[float]]) -> None:
+        auc[(row, hospital)] = seed_mean_auc(np.asarray(labels[hospital]), probs, args.n_bootstrap)
+
+    for strategy in STRATEGIES:
+        for h in names:
+            add(f"finetune:{strategy}", h, [r["finetune"][strategy]["probs"][h] for r in results])
+    for t in TARGETS:
+        for m in METHODS:
+            add(f"adapt:{m}", t.name, [r["adapt"][t.name]["probs"][m] for r in results])
+        add("oracle", t.name, [r["oracle"][t.name] for r in results])
+    for h in names:
+        add("loho", h, [r["loho"][h] for r in results])
+
+    def cell(row: str, h: str) -> str:
+        s = auc.get((row, h))
+        return "" if s is None else f"{s['auc']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+    seeds = [r["seed"] for r in results]
+    lines = [f"Seeds {seeds}; image size {args.size}; fine-tuning {args.epochs} epochs, adaptation "
+             f"{args.adapt_epochs} epochs. AUC = mean over seeds of the test AUC, [95 % CI] from a bootstrap of "
+             f"test images shared by all seeds ({args.n_bootstrap} resamples).", ""]
+    c = results[0]["counts"]
+    lines += ["| hospital | profile | train | val | test (prevalence) |", "|---|---|---|---|---|"]
+    for h in names:
+        prof = next(p for p in (SOURCE, *TARGETS) if p.name == h)
+        changes = {k: v for k, v in prof.__dict__.items() if k != "name" and v != getattr(SOURCE, k)}
+        lines.append(f"| {h} | {changes or 'reference'} | {c[h]['train']} | {c[h]['val']} | {c[h]['test']} "
+                     f"({np.mean(labels[h]):.2f}) |")
+    lines += ["", "**Fine-tuning strategies** (trained on the source hospital only):", "",
+              "| strategy | trained params | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for strategy in STRATEGIES:
+        params = results[0]["finetune"][strategy]["trainable_params"]
+        lines.append(f"| {strategy} | {params:,} | " + " | ".join(cell(f"finetune:{strategy}", h) for h in names)
+                     + " |")
+    gates = [r["finetune"]["full"]["negative_transfer"] for r in results]
+    lines += ["", "Negative-transfer gate (full vs scratch, source validation AUC): "
+              + "; ".join(f"seed {r['seed']}: {g.get('message', g)}" for r, g in zip(results, gates)), ""]
+    targets = [t.name for t in TARGETS]
+    lines += ["**Adaptation** (from the `full` model; source labeled + target unlabeled; test AUC on the target):",
+              "", "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for m in METHODS:
+        lines.append(f"| {m} | " + " | ".join(cell(f"adapt:{m}", t) for t in targets) + " |")
+    lines.append("| multi-source (trained on the other hospitals, labeled) | "
+                 + " | ".join(cell("loho", t) for t in targets) + " |")
+    lines.append("| target-supervised oracle | " + " | ".join(cell("oracle", t) for t in targets) + " |")
+    lines += ["", "**Gap recovery** = (best adaptation - source_only) / (oracle - source_only):", "",
+              "| target | source_only | best adaptation | oracle | gap recovered |", "|---|---|---|---|---|"]
+    gaps = {}
+    for t in targets:
+        so, orc = auc[("adapt:source_only", t)]["auc"], auc[("oracle", t)]["auc"]
+        best = max((m for m in METHODS if m != "source_only"), key=lambda m: auc[(f"adapt:{m}", t)]["auc"])
+        b = auc[(f"adapt:{best}", t)]["auc"]
+        gaps[t] = orc - so
+        lines.append(f"| {t} | {so:.3f} | {best} {b:.3f} | {orc:.3f} | "
+                     f"{(b - so) / (orc - so) * 100 if orc > so else float('nan'):.0f} % |")
+    hardest = max(gaps, key=gaps.get)
+    lines += ["", f"Hardest shift (largest source_only-to-oracle gap): **{hardest}**.", "",
+              "**Unsupervised selection** of (method, epoch) among all candidates on the target, without target "
+              "labels; AUC gap to the oracle pick (which reads target labels), mean over seeds (max):", "",
+              "| target | " + " | ".join(SCORERS) + " |", "|---|" + "---|" * len(SCORERS)]
+    for t in targets:
+        cells = []
+        for s in SCORERS:
+            g = [r["adapt"][t]["picks"][s]["auc_gap_to_oracle"] for r in results]
+            g = [x for x in g if x is not None]
+            picks = ", ".join(str(r["adapt"][t]["picks"][s]["candidate"]) for r in results)
+            cells.append(f"{np.mean(g):.3f} ({np.max(g):.3f}): {picks}" if g else "n/a")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "**Leave-one-hospital-out** (multi-source training on the other hospitals):", "",
+              "| held-out hospital | AUC |", "|---|---|"]
+    lines += [f"| {h} | {cell('loho', h)} |" for h in names]
+    minutes = sum(sum(v["seconds"] for v in r["finetune"].values()) + sum(v["seconds"] for v in r["adapt"].values())
+                  for r in results) / 60
+    lines += ["", f"Fine-tuning and adaptation time: {minutes:.0f} min over {len(results)} seeds."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_shift")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--adapt-epochs", type=int, default=3)
+    parser.add_argument("--n-bootstrap", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="one seed, one epoch each: a smoke run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} not found: this benchmark needs ../shared/data/pneumoniamnist_28.npz")
+    if args.quick:
+        args.seeds, args.epochs, args.adapt_epochs, args.n_bootstrap = args.seeds[:1], 3, 1, 100
+        args.out = args.out.with_name(args.out.name + "_quick")
+    data = np.load(args.data)
+    results = [run_seed(seed, data, args) for seed in args.seeds]
+    text = summarise(results, args)
+    (args.out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
