@@ -61,17 +61,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tables() -> dict[str, list[dict]]:
-    """The rows of the latest version of each table artifact, by key (the harness's server is this module's)."""
+def _latest_artifacts() -> dict[str, tuple[str, object]]:
+    """(type, data) of the latest version of each artifact, by key (the harness's server is this module's);
+    table data as rows."""
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(sort="CREATED_DESC", limit=100)
-    tables: dict[str, list[dict]] = {}
+    latest: dict[str, tuple[str, object]] = {}
     for artifact in artifacts:
-        if artifact.type == "table" and artifact.key not in tables:
-            tables[artifact.key] = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return tables
+        if artifact.key and artifact.key not in latest:
+            data = artifact.data
+            if artifact.type == "table" and isinstance(data, str):
+                data = json.loads(data)
+            latest[artifact.key] = (artifact.type, data)
+    return latest
 
 
 def _task_states_since(moment: datetime) -> Counter:
@@ -98,7 +102,12 @@ def test_rerun_skips_finished_stages_and_a_changed_field_reruns_downstream(prefe
     assert set(calls) == set(STAGE_FUNCTIONS) - {"run_pretrain"}
     assert calls["run_evaluate_site"] == 3  # one task per hospital
     report_before = json.loads(Path(first["json"]).read_text())
-    tables = _tables()  # metric tables published as Prefect artifacts
+    artifacts = _latest_artifacts()
+    tables = {key: data for key, (kind, data) in artifacts.items() if kind == "table"}  # metric tables
+    assert artifacts["medtl-validation-report"] == ("markdown", first["summary_markdown"])
+    # Prefect stores a link artifact as markdown holding the link
+    assert artifacts["medtl-validation-report-html"] == (
+        "markdown", f"[full HTML validation report](file://{first['html']})")
     assert [row["backbone"] for row in tables[SELECT_KEY]] == [
         r["backbone"] for r in sorted(json.loads((tmp_path / "run" / "select" / "ranking.json").read_text())[
             "ranking"], key=lambda r: r["rank"])]
