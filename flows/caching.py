@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,12 @@ from prefect.tasks import Task
 
 import medtl
 from medtl.config import PipelineConfig
+from medtl.ingest.folder import discover, file_sha256
 from medtl.workspace import Workspace
 
 _MANIFEST = "ingest/manifest.parquet"
 _LEDGER = "ingest/ledger.parquet"
 _RESULTS_DIR = ".prefect-results"
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -190,20 +189,12 @@ def cached(task: Task, stage: str, config: PipelineConfig, *, io: bool = False) 
 # ------------------------------------------------------------------------------------------------ fingerprints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fingerprint(path: Path) -> str | dict[str, str]:
     """Content hash of a file, or of every file under a folder (by relative path); ``"missing"`` if absent."""
     if path.is_file():
-        return _sha256(path)
+        return file_sha256(path)
     if path.is_dir():
-        return {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*"))
+        return {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*"))
                 if p.is_file() and not p.name.startswith(".")}  # hidden: partial writes, not outputs
     return "missing"
 
@@ -214,14 +205,12 @@ def _ingest_inputs(config: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 
     cfg = config.ingest
     folder = Path(cfg.input_dir) if cfg.input_dir is not None else ws.dicom
-    listing = []
-    if folder.is_dir():
-        for top, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files):
-                stat = os.stat(os.path.join(top, name))
-                listing.append((os.path.relpath(os.path.join(top, name), folder), stat.st_size, stat.st_mtime_ns))
     labels = Path(cfg.labels_csv) if cfg.labels_csv is not None else folder / "labels.csv"
+    listing = []
+    if folder.is_dir():  # the files ingestion itself would see
+        for rel, path in discover(folder, skip=[labels, ws.ingest]):
+            stat = path.stat()
+            listing.append((rel, stat.st_size, stat.st_mtime_ns))
     with warnings.catch_warnings():  # ingestion itself warns about a missing key, once
         warnings.simplefilter("ignore")
         key = resolve_secret(cfg.deid)

@@ -131,20 +131,27 @@ def run_ingest(cfg: IngestConfig, ws: Workspace) -> dict:
     folder is ``ws.pacs_incoming``, first filled from the PACS (only instances not already there)."""
     from medtl.ingest import ingest_folder
 
-    if cfg.pacs is not None:
-        from medtl.ingest.sources import pull
-
-        log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
-        cfg = cfg.model_copy(update={"input_dir": ws.pacs_incoming})
-    summary = ingest_folder(cfg, ws)
-    tracking.log_metrics({k: getattr(summary, k) for k in ("files_in", "ingested", "quarantined", "duplicates")})
-    log.info("ingest: %s", summary)
-    return {"summary": str(summary), "manifest": str(ws.manifest)}
+    return _ingest_result(ingest_folder(_pulled_source(cfg, ws), ws), ws)
 
 
 def _ingest_source(cfg: IngestConfig, ws: Workspace) -> IngestConfig:
     """``cfg`` reading from the PACS inbox when a PACS is configured (what ingestion then ingests)."""
     return cfg.model_copy(update={"input_dir": ws.pacs_incoming}) if cfg.pacs is not None else cfg
+
+
+def _pulled_source(cfg: IngestConfig, ws: Workspace) -> IngestConfig:
+    """:func:`_ingest_source`, after pulling into the PACS inbox what it does not hold yet."""
+    if cfg.pacs is not None:
+        from medtl.ingest.sources import pull
+
+        log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
+    return _ingest_source(cfg, ws)
+
+
+def _ingest_result(summary, ws: Workspace) -> dict:
+    tracking.log_metrics({k: getattr(summary, k) for k in ("files_in", "ingested", "quarantined", "duplicates")})
+    log.info("ingest: %s", summary)
+    return {"summary": str(summary), "manifest": str(ws.manifest)}
 
 
 def run_ingest_plan(cfg: IngestConfig, ws: Workspace, shards: int) -> dict:
@@ -161,11 +168,7 @@ def run_ingest_plan(cfg: IngestConfig, ws: Workspace, shards: int) -> dict:
     """
     from medtl.ingest.shards import plan_shards
 
-    if cfg.pacs is not None:
-        from medtl.ingest.sources import pull
-
-        log.info("ingest: pulled %s", pull(cfg.pacs, ws.pacs_incoming))
-    return plan_shards(_ingest_source(cfg, ws), ws, shards)
+    return plan_shards(_pulled_source(cfg, ws), ws, shards)
 
 
 def run_ingest_shard(cfg: IngestConfig, ws: Workspace, shard: int) -> dict:
@@ -184,6 +187,7 @@ def run_ingest_shard(cfg: IngestConfig, ws: Workspace, shard: int) -> dict:
     return ingest_shard(_ingest_source(cfg, ws), ws, shard)
 
 
+@tracking.stage("ingest")
 def run_ingest_merge(cfg: IngestConfig, ws: Workspace) -> dict:
     """Sharded ingestion, step 3 of 3: settle every shard into the manifest and ledger
     (:func:`medtl.ingest.shards.merge_shards`); returns what :func:`run_ingest` returns.
@@ -197,9 +201,7 @@ def run_ingest_merge(cfg: IngestConfig, ws: Workspace) -> dict:
     """
     from medtl.ingest.shards import merge_shards
 
-    summary = merge_shards(_ingest_source(cfg, ws), ws)
-    log.info("ingest: %s", summary)
-    return {"summary": str(summary), "manifest": str(ws.manifest)}
+    return _ingest_result(merge_shards(_ingest_source(cfg, ws), ws), ws)
 
 
 @tracking.stage("pretrain")
@@ -1214,14 +1216,9 @@ def run_evaluate_site(cfg: ReportConfig, ws: Workspace, hospital: str) -> dict:
     return {**payload, "file": str(path)}
 
 
-# manifest columns a subgroup attribute may come from (the manifest carries none of them today)
-_SEX_COLUMNS = ("sex", "patient_sex")
-_AGE_COLUMNS = ("age", "patient_age")
-_STUDY_DATE_COLUMNS = ("study_date",)
-
-
 def _with_image_columns(predictions: pd.DataFrame, eval_rows: pd.DataFrame) -> pd.DataFrame:
-    """Attach each prediction's stored array, de-identified image id, vendor and (when recorded) sex and age.
+    """Attach each prediction's stored array, de-identified image id, vendor, sex and age
+    (blank / NaN where not recorded).
 
     :func:`_predict_all` writes one block per model over ``evaluation_rows(manifest)`` in manifest order, so a
     block lines up row by row with ``eval_rows``. That is checked on hospital, patient and label; a block that
@@ -1234,15 +1231,13 @@ def _with_image_columns(predictions: pd.DataFrame, eval_rows: pd.DataFrame) -> p
 
     Returns:
         ``predictions`` with ``image``, ``image_id`` (the array's file stem: the de-identified SOP or series UID)
-        and ``vendor`` columns, plus ``sex`` / ``age`` when the manifest records them.
+        and ``vendor``, ``sex`` and ``age`` columns.
     """
     attributes = {"image": eval_rows["image"].astype(str).to_numpy(),
                   "image_id": [Path(path).stem for path in eval_rows["image"]],
                   "vendor": eval_rows["vendor"].astype(str).to_numpy()}
-    for name, columns in (("sex", _SEX_COLUMNS), ("age", _AGE_COLUMNS)):
-        column = next((c for c in columns if c in eval_rows.columns), None)
-        if column is not None:
-            attributes[name] = eval_rows[column].to_numpy()
+    for name in ("sex", "age"):
+        attributes[name] = eval_rows[name].to_numpy()
     keys = (eval_rows["hospital"].astype(str).to_numpy(), eval_rows["patient_id"].astype(str).to_numpy(),
             eval_rows["label"].astype(int).to_numpy())
     blocks = []
@@ -1302,8 +1297,7 @@ def _report_provenance(config: PipelineConfig, ws: Workspace, manifest: pd.DataF
     """Code version, configuration and data hashes, and per-hospital content hash and study dates."""
     sites = []
     for hospital, rows in manifest.groupby("hospital", sort=True):
-        column = next((c for c in _STUDY_DATE_COLUMNS if c in rows.columns), None)
-        dates = pd.to_datetime(rows[column], errors="coerce").dropna() if column else pd.Series(dtype="datetime64[ns]")
+        dates = pd.to_datetime(rows["study_date"], errors="coerce").dropna()
         sites.append({"hospital": hospital, "content_sha256": data_hash(rows),
                       "study_dates": (f"{dates.min():%Y-%m-%d} to {dates.max():%Y-%m-%d}" if len(dates) else None)})
     return {"medtl_version": medtl.__version__, "git_commit": _git_commit(),
@@ -1373,8 +1367,7 @@ def _limitations(config: PipelineConfig, manifest: pd.DataFrame) -> list[str]:
              "hospitals show how well it transfers, not a re-tuned operating point.",
              "Confidence intervals are patient-level bootstrap percentile intervals "
              f"({config.report.n_bootstrap} resamples); small hospitals give wide intervals."]
-    unrecorded = [name for name, columns in (("sex", _SEX_COLUMNS), ("age", _AGE_COLUMNS))
-                  if not any(_recorded(manifest[c]) for c in columns if c in manifest.columns)]
+    unrecorded = [name for name in ("sex", "age") if not _recorded(manifest[name])]
     if unrecorded:
         notes.append(f"Patient {' and '.join(unrecorded)} are not recorded in the manifest, so performance could "
                      "not be checked across them.")

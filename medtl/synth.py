@@ -38,7 +38,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
 from medtl.config import HospitalProfile, SynthConfig
-from medtl.data.shift import profile_from_spec, simulate_acquisition
 from medtl.ingest.sandbox import available_cpus
 
 logger = logging.getLogger("medtl.synth")
@@ -373,6 +372,9 @@ def acquire(density: np.ndarray, profile: HospitalProfile, rng: np.random.Genera
     if profile.noise_std > 0:
         signal = signal + rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(profile.noise_std)
     if profile.acquisition_shift is not None:
+        # imported here: medtl.data.shift loads torch and MONAI (5 s), which a cohort without shifts never needs
+        from medtl.data.shift import profile_from_spec, simulate_acquisition
+
         shift = profile_from_spec(profile.acquisition_shift, profile.name)
         signal = simulate_acquisition(np.clip(signal, 0.0, 1.0)[None].astype(np.float32), shift, rng)[0]
     full_scale = 2 ** profile.bits_stored - 1
