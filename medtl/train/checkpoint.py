@@ -5,9 +5,9 @@ tensors, and a JSON header (epoch, optimizer hyper-parameters, a fingerprint of 
 configuration). Writes are atomic and durable (temp file, ``fsync``, ``os.replace``, ``fsync`` of the
 folder) so a run killed mid-write, or a machine that loses power, leaves the previous checkpoint intact.
 
-Loading never unpickles: a file at a checkpoint path that is not safetensors (a ``torch.save`` pickle
-renamed, say) is refused by :func:`check_safetensors_file` with :class:`CheckpointError`, before any
-parser other than the first bytes' check sees it.
+Loading never unpickles: only safetensors' own parser reads these files (it parses a JSON header and raw
+tensor bytes, nothing executable). A file it cannot parse (a ``torch.save`` pickle renamed, say) is refused
+with :class:`CheckpointError`, naming what the file is and what to do.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 _SEP = "::"
-# safetensors: an 8-byte little-endian header length, then the JSON header. These start other formats.
+# How a file that safetensors cannot parse starts when it is a pickle: the message then says so. (Never used to
+# decide whether a file is safetensors: a valid header length may start with these bytes too.)
 _PICKLE_PROTOCOL = b"\x80"  # pickle protocol 2 and later (torch.save's legacy format)
 _ZIP = b"PK\x03\x04"  # torch.save's default format: a zip archive holding a pickle
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the header size
 
 
 class CheckpointError(ValueError):
@@ -89,39 +90,23 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return stale
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Refuse ``path`` unless it looks like a safetensors file, without parsing anything else.
-
-    A pickle (``torch.save`` output, possibly renamed ``.safetensors``) could run arbitrary code when loaded;
-    medtl never loads one, so it is named for what it is and refused.
-
-    Args:
-        path: the file.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: ``path`` is a pickle, a zip archive or otherwise not safetensors; the message names the
-            file and says what to do.
-    """
-    path = Path(path)
+def _refusal(path: Path, error: Exception) -> CheckpointError:
+    """The error for a file that safetensors could not parse, naming a pickle as such."""
     with open(path, "rb") as handle:
-        head = handle.read(9)
-    size = path.stat().st_size
+        head = handle.read(len(_ZIP))
     if head.startswith(_ZIP) or head.startswith(_PICKLE_PROTOCOL):
         kind = "a PyTorch zip archive (torch.save)" if head.startswith(_ZIP) else "a Python pickle"
-        raise CheckpointError(
+        return CheckpointError(
             f"{path} is {kind}, not safetensors: refused, because loading a pickle can run arbitrary code and medtl "
             "never unpickles. If it is a training checkpoint, delete or move it (or point checkpoint_dir elsewhere) "
             "and the run trains from the start; if it holds weights you trust, convert them once with "
             "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')")
-    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-    if len(head) < 9 or not 0 < header_len <= min(size - 8, _MAX_HEADER) or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file (truncated, or another format); delete or move it "
-                              "(or point checkpoint_dir elsewhere) so that it is written afresh")
+    return CheckpointError(f"{path} is not a readable safetensors file ({error}); delete or move it (or point "
+                           "checkpoint_dir elsewhere) so that it is written afresh")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, on the CPU, after :func:`check_safetensors_file`.
+    """Every tensor of a safetensors file, on the CPU.
 
     Args:
         path: a ``.safetensors`` file.
@@ -130,10 +115,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         Name → tensor.
 
     Raises:
-        CheckpointError: the file is a pickle or not safetensors.
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is a pickle or otherwise not safetensors; the message names the file and says
+            what to do.
     """
-    check_safetensors_file(path)
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise _refusal(Path(path), exc) from exc
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
@@ -168,34 +157,22 @@ def read_header(path: Path) -> dict:
     Raises:
         CheckpointError: the file is a pickle, not safetensors, or a safetensors file without medtl's header.
     """
-    from safetensors import SafetensorError, safe_open
-
-    check_safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); delete or move it (or point "
-                              "checkpoint_dir elsewhere) so that it is written afresh") from exc
+        raise _refusal(Path(path), exc) from exc
     if "medtl_checkpoint" not in meta:
         raise CheckpointError(f"{path} is not a medtl training checkpoint (no 'medtl_checkpoint' header); "
                               "delete or move it, or point checkpoint_dir elsewhere")
     return json.loads(meta["medtl_checkpoint"])
 
 
-def read_fingerprint(path: Path) -> str:
-    """The fingerprint of the run settings a checkpoint was written with (see :func:`medtl.train.core.run_fingerprint`).
-
-    Raises:
-        CheckpointError: as :func:`read_header`: a file that is not a medtl checkpoint is never overwritten silently.
-    """
-    return read_header(path)["fingerprint"]
-
-
 def load_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    """Restore the states saved by :func:`save_checkpoint`; returns the JSON header."""
-    header = read_header(path)
+                    optimizer: torch.optim.Optimizer, scheduler: Any, header: dict | None = None) -> dict:
+    """Restore the states saved by :func:`save_checkpoint`; returns the JSON header (``header``: the file's, when
+    the caller has already read it with :func:`read_header`)."""
+    header = read_header(path) if header is None else header
     tensors = load_tensors(path)
     model.load_state_dict(_strip(tensors, "model"))
     objective.load_state_dict(_strip(tensors, "objective"))

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medtl.config import TrainConfig
-from medtl.train.checkpoint import load_checkpoint, read_fingerprint, remove_stale_temporaries, save_checkpoint
+from medtl.train.checkpoint import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
 from medtl.train.objectives import Objective
 
 log = logging.getLogger("medtl.train")
@@ -235,9 +235,10 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         for stale in remove_stale_temporaries(ckpt_path):  # left by a run killed while writing its checkpoint
             log.info("%s: removed %s, the unfinished write of a killed run", description, stale)
     if ckpt_path is not None and ckpt_path.exists():
-        if read_fingerprint(ckpt_path) == fingerprint:
-            header = load_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer,
-                                     scheduler=scheduler)
+        header = read_header(ckpt_path)  # refuses a file that is not a medtl checkpoint: never overwritten silently
+        if header["fingerprint"] == fingerprint:
+            load_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                            header=header)
             start_epoch = header["epoch"] + 1
             result.history = header["history"]
             result.resumed_from_epoch = header["epoch"]
