@@ -107,3 +107,12 @@ def run_folder_sharing_ingest(cohort, root: Path):
     ws.root.mkdir()
     ws.ingest.symlink_to(cohort.ingest.resolve(), target_is_directory=True)
     return ws
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """A throw-away Prefect server (SQLite in a temporary folder) for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

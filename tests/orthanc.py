@@ -42,6 +42,16 @@ def require_orthanc() -> None:
             pytest.skip(f"{path} not found: install the Debian package {package} to run the PACS tests")
 
 
+def stop_process(process: subprocess.Popen, grace_s: float) -> None:
+    """Ask a server subprocess to stop, kill it after ``grace_s`` seconds, and reap it either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -168,9 +178,4 @@ def running_orthanc(root: Path, files: Iterable[bytes] = (), *, modalities: dict
             server.upload(data)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process, grace_s=15)

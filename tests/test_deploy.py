@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,14 @@ import httpx
 import pytest
 import yaml
 
+from tests.orthanc import free_port, stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "medtl-process"
 SERVER_START_S = 120
 STEP_TIMEOUT_S = 180
 STAGE_FLOWS = {"medtl-synth", "medtl-ingest", "medtl-pretrain", "medtl-select", "medtl-finetune", "medtl-adapt",
                "medtl-evaluate", "medtl-report"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _prefect(env: dict, *args: str, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -43,7 +38,7 @@ def _prefect(env: dict, *args: str, timeout: float = STEP_TIMEOUT_S) -> subproce
 def server(tmp_path_factory):
     """A Prefect server on a free loopback port; yields (api url, environment for the CLI)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ,
            "PREFECT_HOME": str(home),
@@ -76,11 +71,7 @@ def server(tmp_path_factory):
             time.sleep(0.5)
         yield api, env
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, grace_s=30)
         log.close()
 
 

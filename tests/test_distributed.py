@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from medtl.train.core import CHECKPOINT_NAME
 from medtl.train.checkpoint import read_header
 from medtl.train.distributed import DistributedContext, ShardedBatchSampler, current_context, main, shard_loader
 from medtl.workspace import Workspace
+from tests.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -158,14 +158,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out: Path) -> None:
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -319,7 +313,6 @@ def test_pretrain_stage_under_torchrun(tmp_path: Path, monkeypatch: pytest.Monke
     assert read_header(ws.pretrain / "checkpoints" / CHECKPOINT_NAME)["epoch"] == 1
     distributed = load_file(str(ws.weights / "efficientnet_lite0.ssl.safetensors"))
 
-    torch.set_num_threads(1)
     again = stages.run_pretrain(config.pretrain, config.data, ws)  # one process: resumes, nothing left to train
     assert again["final_loss"] == card["history"][-1]["loss"]
     single = load_file(str(ws.weights / "efficientnet_lite0.ssl.safetensors"))

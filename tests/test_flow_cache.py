@@ -21,14 +21,6 @@ STAGE_FUNCTIONS = ("run_synth", "run_ingest", "run_pretrain", "run_select", "run
                    "evaluation_sites", "run_evaluate_site", "run_report")
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def calls(monkeypatch) -> Counter:
     """How often each stage function ran (the tasks call them through the ``medtl.stages`` module)."""
@@ -62,7 +54,7 @@ def _sha256(path: Path) -> str:
 
 
 def _latest_artifacts() -> dict[str, tuple[str, object]]:
-    """(type, data) of the latest version of each artifact, by key (the harness's server is this module's);
+    """(type, data) of the latest version of each artifact, by key (the module's own harness server);
     table data as rows."""
     from prefect import get_client
 

@@ -12,14 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSPITALS = ("St. Aurelia General Hospital", "Northbridge University Clinic", "Harbor Valley Medical Center")
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_pipeline_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDTL_CACHE", str(tmp_path / "cache"))

@@ -41,10 +41,6 @@ def _config(workdir: Path, backend: str, epochs: int = 2) -> PipelineConfig:
         "tracking": TrackingConfig(backend=backend)})
 
 
-def _workspace(cohort: Workspace, root: Path) -> Workspace:
-    return run_folder_sharing_ingest(cohort, root)
-
-
 def _finetune_adapt_report(config: PipelineConfig, ws: Workspace) -> None:
     with tracking.pipeline_run(config):
         stages.run_finetune(config.finetune, config.data, ws)
@@ -73,7 +69,7 @@ def test_pipeline_run_logs_params_epoch_metrics_model_and_report(cohort, tmp_pat
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MEDTL_CACHE", str(tmp_path / "cache"))
-    ws = _workspace(cohort, tmp_path / "run")
+    ws = run_folder_sharing_ingest(cohort, tmp_path / "run")
     config = _config(ws.root, "mlflow")
     _finetune_adapt_report(config, ws)
     assert tracking.active_run() is None  # closed after the block
@@ -168,7 +164,7 @@ def _without_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tracking_none_writes_nothing_and_needs_no_mlflow(cohort, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDTL_CACHE", str(tmp_path / "cache"))
     _without_mlflow(monkeypatch)
-    ws = _workspace(cohort, tmp_path / "run")
+    ws = run_folder_sharing_ingest(cohort, tmp_path / "run")
     config = _config(ws.root, "none", epochs=1)
     with tracking.pipeline_run(config) as run:
         assert run is None and tracking.epoch_callbacks() == []
