@@ -10,8 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +39,7 @@ from medtl.train import Objective, Supervised, TaskWithAdaptation, fit
 from medtl.train.checkpoint import atomic_save_tensors, load_tensors
 from medtl.train.core import run_fingerprint
 from medtl.train.inference import embed_with_source_head, features_and_probabilities, positive_probability
-from medtl.workspace import Workspace
+from medtl.workspace import Workspace, atomic_write
 
 log = logging.getLogger("medtl")
 
@@ -95,21 +93,11 @@ def data_hash(rows: pd.DataFrame) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 # --------------------------------------------------------------------------------------------- stages

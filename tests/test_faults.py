@@ -111,17 +111,20 @@ def _child_main(argv: list[str]) -> None:
 
         Objective.__call__ = counting_call  # the class, not the instance: state_dict keys stay the same
     if args.hang_in_save is not None:
+        import medtl.workspace as workspace
+
         writes = [0]
-        fsync = checkpoint._fsync
+        fsync = workspace._fsync  # what atomic_write calls once the temporary file is complete
 
         def hanging_fsync(path):
             fsync(path)
-            if str(path).endswith(".tmp"):  # the new checkpoint is complete under its temporary name
+            # the new checkpoint is complete under its temporary name
+            if Path(path).name.startswith(f".{CHECKPOINT_NAME}.") and str(path).endswith(".tmp"):
                 writes[0] += 1
                 if writes[0] == args.hang_in_save:
                     hang()
 
-        checkpoint._fsync = hanging_fsync
+        workspace._fsync = hanging_fsync
     model, result = _train(args.kind, args.data, args.run)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.run / "final.safetensors"))
     (args.run / "result.json").write_text(json.dumps({"history": result.history,

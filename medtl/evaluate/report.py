@@ -42,6 +42,7 @@ from sklearn.metrics import roc_curve
 
 from medtl.config import REPORT_DEFAULT_MARKER, ReportConfig
 from medtl.evaluate.metrics import METRIC_NAMES, auc_difference, binary_metrics, calibration_curve
+from medtl.workspace import atomic_write
 
 log = logging.getLogger("medtl")
 
@@ -1186,17 +1187,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _write_atomic(path: Path, text: str | bytes) -> None:
     """Readers see the old file or the new one, never a half-written report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by its reviewers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8") if isinstance(text, str) else text))
 
 
 def _write_pdf(pdf_html: str, html_path: Path, pdf_path: Path) -> str | None:

@@ -11,12 +11,11 @@ leaves a half-written table behind.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
-from medtl.workspace import Workspace
+from medtl.workspace import Workspace, atomic_write
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image": "str",  # relative to the ingest folder
@@ -96,11 +95,9 @@ def write_table_atomic(frame: pd.DataFrame, path: Path) -> None:
 
     Args:
         frame: the table.
-        path: destination; its folder must exist.
+        path: destination.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def read_manifest(ws: Workspace) -> pd.DataFrame:

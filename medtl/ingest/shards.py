@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +32,7 @@ from medtl.ingest.folder import (IngestSummary, PreparedIngest, _Plan, _run, fin
                                  worker_settings)
 from medtl.ingest.manifest import LEDGER_COLUMNS, MANIFEST_COLUMNS, write_table_atomic
 from medtl.ingest.worker import FileJob, FileResult
-from medtl.workspace import Workspace
+from medtl.workspace import Workspace, atomic_write
 
 SHARDS_DIR = ".shards"
 _PLAN_VERSION = 1
@@ -221,8 +219,4 @@ def _result_from_json(item: dict) -> FileResult:
 
 
 def _write_json(path: Path, payload: dict) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, allow_nan=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, allow_nan=False)))

@@ -19,14 +19,15 @@ import json
 import logging
 import os
 import pickle
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import timm
 import torch
+
+from medtl.workspace import atomic_write
 
 __all__ = [
     "IMAGENET_PACKAGE",
@@ -60,29 +61,6 @@ def cache_dir() -> Path:
     """Folder for converted weights: ``$MEDTL_CACHE/weights``, else ``~/.cache/medtl/weights``."""
     root = os.environ.get("MEDTL_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "medtl") / "weights"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` via ``write(tmp)`` on a temporary sibling, then rename it into place.
-
-    A crash mid-write leaves the old file (or none), never a truncated one that a later run would load.
-
-    Args:
-        path: destination file; its folder is created.
-        write: called with the temporary path; must write the complete file there.
-
-    Returns:
-        ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling (same filesystem, so os.replace is atomic); created by `write` with normal permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

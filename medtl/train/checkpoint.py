@@ -13,14 +13,14 @@ with :class:`CheckpointError`, naming what the file is and what to do.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from medtl.workspace import atomic_write
 
 _SEP = "::"
 # How a file that safetensors cannot parse starts when it is a pickle: the message then says so. (Never used to
@@ -33,10 +33,6 @@ class CheckpointError(ValueError):
     """A file where a safetensors checkpoint or weights should be is something else; it is never unpickled."""
 
 
-def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically and durably (shared storage is cloned: safetensors refuses aliases).
 
@@ -45,30 +41,8 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
         path: the destination; its folder is created.
         metadata: string → string, stored in the safetensors header.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _fsync(tmp)  # the bytes reach the disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-        _fsync(path.parent)  # and the rename itself survives a power cut
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync(path: str | Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder cannot be opened on some systems (Windows); the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # nor fsynced on some filesystems
-        pass
-    finally:
-        os.close(fd)
+    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -84,7 +58,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     """
     if not path.parent.is_dir():
         return []
-    stale = sorted(path.parent.glob(f"{_temporary_prefix(path)}*.tmp"))
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))  # atomic_write's temporary names
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
