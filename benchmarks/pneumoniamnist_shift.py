@@ -127,8 +127,8 @@ def workspace(root: Path, manifest: pd.DataFrame) -> Workspace:
 def unlabeled_targets(manifest: pd.DataFrame) -> pd.DataFrame:
     """The adaptation setting: a target hospital's train and val images come without labels."""
     out = manifest.copy()
+    # assign_splits then marks these rows "unlabeled", whatever their official split
     out.loc[(out["hospital"] != SOURCE.name) & (out["split"] != "test"), "label"] = pd.NA
-    out.loc[out["label"].isna(), "split"] = ""
     return out
 
 
