@@ -456,14 +456,16 @@ class AdaptConfig(StrictModel):
                     "(test-time entropy minimisation of BatchNorm affine parameters), or a loss plugin: coral, "
                     "mmd (multi-kernel), dann, ot (DeepJDOT optimal transport), pseudo_label (FixMatch-style)")
     reg: float = Field(1.0, ge=0, description="weight of the adaptation loss: total = task + reg * adaptation")
-    # dev by default: it is the only scorer that checks the candidate still solves the task (its loss on the
-    # labeled source validation split, weighted towards the target); entropy and snd give their best value to a
-    # model that predicts one class for every target image (all-identical predictions maximise SND).
-    selection_scorer: Literal["snd", "entropy", "dev", "iwcv"] = Field(
-        "dev", description="unsupervised scorer (medtl.select.unsupervised) whose pick among every (method, epoch) "
-                           "candidate becomes the stage's chosen adapted model, adapt/chosen.safetensors: dev (deep "
-                           "embedded validation), iwcv, snd (soft neighbourhood density) or entropy; all four are "
-                           "computed and reported either way")
+    # ensv by default: the one scorer that a confidently wrong candidate cannot fool (it disagrees with the
+    # ensemble of the pool) and that needs no source validation images; entropy and snd give their best value to
+    # a model that predicts one class for every target image, and dev / iwcv's density ratios degenerate when the
+    # hospitals barely overlap or the source validation split is small (Hu et al., NeurIPS 2024 D&B)
+    selection_scorer: Literal["ensv", "dev", "iwcv", "snd", "entropy"] = Field(
+        "ensv", description="unsupervised scorer (medtl.select.unsupervised) whose pick among every (method, epoch) "
+                            "candidate becomes the stage's chosen adapted model, adapt/chosen.safetensors: ensv "
+                            "(agreement with the ensemble of all candidates), dev (deep embedded validation), iwcv, "
+                            "snd (soft neighbourhood density) or entropy; all five are computed and reported either "
+                            "way")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
 
 

@@ -948,7 +948,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
 
     Every method gets the same budget, and ``source_only`` is the same training with the zero plugin. Each
     method's model after every epoch (AdaBN: its one model) is a *candidate*; the unsupervised scorers of
-    :mod:`medtl.select.unsupervised` (entropy, snd, dev, iwcv; higher is better) rank all candidates, from one
+    :mod:`medtl.select.unsupervised` (ensv, dev, iwcv, snd, entropy; higher is better) rank all candidates, from one
     inference pass per candidate over the target's unlabeled images and the source hospitals' validation split
     (``split == "val"``). The pick of ``cfg.selection_scorer`` is the stage's chosen model. The *oracle* (the
     candidate with the best AUC on the target's labeled images) uses target labels and is computed offline, for
@@ -969,13 +969,13 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         scorer          cfg.selection_scorer
         higher_is_better  true, for every score
         chosen          {candidate, method, epoch, scorer, score, target_auc, weights: "chosen.safetensors"}
-        picks           {entropy|snd|dev|iwcv: {candidate, method, epoch, score, target_auc,
+        picks           {entropy|snd|dev|iwcv|ensv: {candidate, method, epoch, score, target_auc,
                          auc_gap_to_oracle (oracle AUC - this pick's), oracle_rank (1 = the scorer ranks the
                          oracle first)}}; a scorer no candidate has: {candidate: null, ..., reason}
         oracle          {candidate, method, epoch, target_auc, uses_target_labels: true} (candidate null + reason
                          when the target has no labeled images of both classes)
         candidates      one row per candidate, in stage order: {candidate, method, epoch, final, chosen, entropy,
-                         snd, dev, iwcv, target_auc, not_scored: {score: why it is null}}
+                         snd, dev, iwcv, ensv, target_auc, not_scored: {score: why it is null}}
         rankings        {score: candidate names, best first}
         not_evaluated   [{method, epoch, reason}]: epochs a resumed run could not take back
         warnings        [str]: e.g. a candidate whose DEV estimate is a negative risk (degenerate weights)

@@ -54,7 +54,7 @@ def read(ws: Workspace, name: str) -> dict:
 def test_selection_json_has_every_scorer_every_candidate_and_the_oracle(adapted) -> None:
     config, ws, result = adapted
     selection = read(ws, "selection.json")
-    assert selection["scorer"] == config.adapt.selection_scorer == "dev"
+    assert selection["scorer"] == config.adapt.selection_scorer == "ensv"
     assert "never influences a pick" in selection["note"] and selection["oracle"]["uses_target_labels"] is True
     assert [row["candidate"] for row in selection["candidates"]] == CANDIDATES
     assert [row["final"] for row in selection["candidates"]] == [False, True, True, False, True, False, True]
@@ -99,9 +99,9 @@ def test_summary_and_return_value_name_the_chosen_candidate(adapted) -> None:
     config, ws, result = adapted
     selection, summary = read(ws, "selection.json"), read(ws, "summary.json")
     chosen = selection["chosen"]
-    assert chosen["candidate"] == selection["picks"]["dev"]["candidate"]
+    assert chosen["candidate"] == selection["picks"]["ensv"]["candidate"]
     assert summary["chosen"] == result["chosen"] == {"method": chosen["method"], "epoch": chosen["epoch"],
-                                                     "scorer": "dev"}
+                                                     "scorer": "ensv"}
     assert summary["selection"] == result["selection"]
     assert summary["selection"]["n_candidates"] == len(CANDIDATES) and summary["selection"]["file"] == "selection.json"
     assert set(summary["selection"]["picks"]) == set(UNSUPERVISED_SCORES)
@@ -115,7 +115,7 @@ def test_the_chosen_model_loads_and_is_the_chosen_candidate(adapted) -> None:
     _, ws, _ = adapted
     chosen = read(ws, "selection.json")["chosen"]
     model, info = stages.load_adapted(ws)
-    assert (info["method"], info["epoch"], info["scorer"]) == (chosen["method"], chosen["epoch"], "dev")
+    assert (info["method"], info["epoch"], info["scorer"]) == (chosen["method"], chosen["epoch"], "ensv")
     assert info["score"] == pytest.approx(chosen["score"])
     source = (ws.adapt / f"{chosen['method']}.safetensors" if chosen["epoch"] is None
               else ws.adapt / "candidates" / f"{chosen['method']}-epoch{chosen['epoch']}.safetensors")
@@ -190,7 +190,7 @@ def test_select_adapted_reports_missing_scores_and_refuses_an_unscorable_choice(
 
 
 def test_selection_scorer_is_validated() -> None:
-    assert AdaptConfig().selection_scorer == "dev"
+    assert AdaptConfig().selection_scorer == "ensv"
     assert AdaptConfig(selection_scorer="snd").selection_scorer == "snd"
     with pytest.raises(ValueError, match="selection_scorer"):
         AdaptConfig(selection_scorer="oracle")

@@ -10,8 +10,8 @@ import pytest
 
 import medtl.select.unsupervised
 from medtl.select.unsupervised import (UNSUPERVISED_SCORES, UnsupervisedSelector, dev_risk, dev_score,
-                                       entropy_score, importance_weights, iwcv_risk, iwcv_score,
-                                       prediction_entropy, snd_score)
+                                       ensemble_agreement_scores, entropy_score, importance_weights, iwcv_risk,
+                                       iwcv_score, prediction_entropy, snd_score)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -120,6 +120,53 @@ def test_risk_inputs_are_validated():
         importance_weights(np.ones((4, 2)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="folds"):
         importance_weights(np.ones((4, 2)), np.ones((4, 2)), folds=1)
+
+
+# --- EnsV -----------------------------------------------------------------------------------------------------------
+
+def test_ensv_ranks_a_confidently_wrong_candidate_last_where_entropy_and_snd_rank_it_first():
+    """The failure seen on the hardest simulated hospital: the source-only model predicts one class for every
+    target image, confidently. Entropy and SND prefer it; the ensemble of the pool outvotes it."""
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, size=200)
+
+    def noisy_right(flip: float) -> np.ndarray:
+        label = np.where(rng.uniform(size=200) < flip, 1 - truth, truth)
+        p1 = np.clip(0.5 + (label - 0.5) * rng.uniform(0.2, 0.8, size=200), 0.01, 0.99)
+        return np.c_[1 - p1, p1]
+
+    adapted = [noisy_right(0.10), noisy_right(0.15), noisy_right(0.25)]
+    collapsed = np.tile([0.02, 0.98], (200, 1))
+    pool = [*adapted, collapsed]
+    agreement = ensemble_agreement_scores(pool)
+    accuracy = [float((p.argmax(1) == truth).mean()) for p in pool]
+    assert agreement.shape == (4,) and ((0 <= agreement) & (agreement <= 1)).all()
+    assert int(np.argmin(agreement)) == 3 and int(np.argmin(accuracy)) == 3
+    assert int(np.argmax(agreement)) == int(np.argmax(accuracy)) == 0
+    assert entropy_score(collapsed) > max(entropy_score(p) for p in adapted)
+    assert snd_score(collapsed) > max(snd_score(p) for p in adapted)
+
+
+def test_ensv_of_one_candidate_is_full_agreement_and_inputs_are_checked():
+    assert ensemble_agreement_scores([_clustered()]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_agreement_scores([])
+    with pytest.raises(ValueError, match="same target samples"):
+        ensemble_agreement_scores([_clustered(n=60), _clustered(n=30)])
+    with pytest.raises(ValueError, match="softmax"):
+        ensemble_agreement_scores([np.array([[2.0, -1.0]])])
+
+
+def test_selector_leaves_candidates_without_target_predictions_out_of_the_ensemble():
+    pool = {"a": {"target_probabilities": np.tile([0.9, 0.1], (6, 1))},
+            "b": {"target_probabilities": np.tile([0.8, 0.2], (6, 1))},
+            "c": {"target_probabilities": np.tile([0.3, 0.7], (6, 1))},
+            "features_only": {"target_features": np.ones((6, 2))}}
+    selector = UnsupervisedSelector(scorer="ensv").fit(pool)
+    assert selector.scores_["ensv"].to_dict() == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.0, "features_only": np.nan},
+                                                               nan_ok=True)
+    assert selector.ranking_ == ["a", "b", "c", "features_only"]
+    assert selector.nan_reasons_["features_only"]["ensv"] == "missing target_probabilities"
 
 
 # --- the selector ---------------------------------------------------------------------------------------------------

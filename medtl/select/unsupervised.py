@@ -15,6 +15,12 @@ arrays; **higher is better for every score** (each is the negative of a risk or 
   Unsupervised Domain Adaptation", ICML 2019): the source validation loss importance-weighted towards the
   target, with a control variate; :func:`iwcv_score` is the same without the control variate (Sugiyama et al.,
   "Covariate Shift Adaptation by Importance Weighted Cross Validation", JMLR 2007).
+* :func:`ensemble_agreement_scores` (EnsV; Hu et al., "Towards Reliable Model Selection for Unsupervised Domain
+  Adaptation: An Empirical Study and A Certified Baseline", NeurIPS 2024 Datasets and Benchmarks): each
+  candidate's agreement with the pseudo-labels of the mean prediction of *all* candidates. The only score here
+  that is computed over the candidate pool rather than one candidate at a time; the ensemble is provably no
+  worse than the worst candidate, so a confidently wrong candidate (which fools entropy and SND) disagrees with
+  it and ranks low, and it needs no source validation images (which DEV and IWCV need many of).
 
 :class:`UnsupervisedSelector` computes them all for a set of candidates and ranks them by one.
 """
@@ -22,7 +28,7 @@ arrays; **higher is better for every score** (each is the negative of a risk or 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,13 +40,14 @@ from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger("medtl.select")
 
-UNSUPERVISED_SCORES = ("entropy", "snd", "dev", "iwcv")
+UNSUPERVISED_SCORES = ("entropy", "snd", "dev", "iwcv", "ensv")
 """The scores of :class:`UnsupervisedSelector`, all higher-is-better."""
 SCORE_INPUTS: Mapping[str, tuple[str, ...]] = {
     "entropy": ("target_probabilities",),
     "snd": ("target_probabilities",),
     "dev": ("source_val_features", "source_val_losses", "target_features"),
     "iwcv": ("source_val_features", "source_val_losses", "target_features"),
+    "ensv": ("target_probabilities",),
 }
 """The candidate arrays each score needs."""
 CANDIDATE_KEYS = ("target_probabilities", "source_val_features", "source_val_losses", "target_features")
@@ -265,13 +272,49 @@ def iwcv_score(source_val_features: np.ndarray, source_val_losses: np.ndarray, t
     return -iwcv_risk(source_val_losses, weights)
 
 
+def ensemble_agreement_scores(target_probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """EnsV: each candidate's agreement with the ensemble of all candidates (Hu et al., NeurIPS 2024 D&B).
+
+    The ensemble's prediction is the mean of the candidates' softmax outputs and its pseudo-label the argmax;
+    a candidate scores the fraction of target samples whose argmax equals that pseudo-label. By convexity of the
+    loss, the ensemble is at least as accurate (in cross-entropy) as the average candidate, hence never the
+    worst; candidates that agree with it are certified away from the worst case, which the paper found every
+    other selection method (entropy, SND, DEV, IWCV among them) fails to avoid on some benchmark. Ties in the
+    ensemble's argmax go to the lower class, as ``np.argmax`` does.
+
+    Args:
+        target_probabilities: K >= 1 arrays, each (N_t, C): the candidates' softmax outputs on the same target
+            samples, in the same order.
+
+    Returns:
+        (K,) agreements in [0, 1], higher = closer to the ensemble.
+
+    Examples:
+        >>> right = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+        >>> also_right = np.array([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+        >>> wrong = np.array([[0.1, 0.9], [0.9, 0.1], [0.4, 0.6]])  # confidently wrong: loses the vote
+        >>> ensemble_agreement_scores([right, also_right, wrong])
+        array([1., 1., 0.])
+    """
+    if len(target_probabilities) == 0:
+        raise ValueError("ensemble_agreement_scores needs at least one candidate's target_probabilities")
+    stacked = [_check_probabilities(p, f"target_probabilities[{k}]") for k, p in enumerate(target_probabilities)]
+    if len({p.shape for p in stacked}) > 1:
+        raise ValueError("every candidate's target_probabilities must be (N_t, C) on the same target samples, got "
+                         f"shapes {sorted({p.shape for p in stacked})}: score every candidate on the same images")
+    predictions = np.stack(stacked)  # (K, N_t, C)
+    pseudo_labels = predictions.mean(axis=0).argmax(axis=1)
+    return (predictions.argmax(axis=2) == pseudo_labels).mean(axis=1)
+
+
 class UnsupervisedSelector(BaseEstimator):
     """Score candidate adapted models on the unlabeled target and rank them (scikit-learn conventions).
 
     Every score of ``UNSUPERVISED_SCORES`` that a candidate's arrays allow is computed (``SCORE_INPUTS`` says
     which arrays each needs); the others are NaN, with the reason logged and kept in ``nan_reasons_``. Higher
     is better for every score: ``entropy`` (−mean target entropy), ``snd`` (soft neighbourhood density),
-    ``dev`` (−DEV risk) and ``iwcv`` (−IWCV risk). A candidate whose ``scorer`` score is NaN ranks last.
+    ``dev`` (−DEV risk), ``iwcv`` (−IWCV risk) and ``ensv`` (agreement with the ensemble of the candidates that
+    have target predictions). A candidate whose ``scorer`` score is NaN ranks last.
 
     Args:
         scorer: the score that orders candidates, one of ``UNSUPERVISED_SCORES``.
@@ -341,11 +384,20 @@ class UnsupervisedSelector(BaseEstimator):
                 missing = [key for key in SCORE_INPUTS[score] if arrays.get(key) is None]
                 if missing:
                     reasons.setdefault(name, {})[score] = "missing " + ", ".join(missing)
-                    continue
-                try:
-                    scores.loc[name, score] = self._compute(score, arrays)
-                except (ValueError, np.linalg.LinAlgError) as exc:  # data that cannot support this score
-                    reasons.setdefault(name, {})[score] = str(exc)
+                elif score != "ensv":  # ensv needs the whole pool: below
+                    try:
+                        scores.loc[name, score] = self._compute(score, arrays)
+                    except (ValueError, np.linalg.LinAlgError) as exc:  # data that cannot support this score
+                        reasons.setdefault(name, {})[score] = str(exc)
+        pool = [name for name in candidates if "ensv" not in reasons.get(name, {})]
+        if pool:
+            try:
+                scores.loc[pool, "ensv"] = ensemble_agreement_scores(
+                    [candidates[name]["target_probabilities"] for name in pool])
+            except ValueError as exc:
+                for name in pool:
+                    reasons.setdefault(name, {})["ensv"] = str(exc)
+        for name in candidates:
             for score, reason in reasons.get(name, {}).items():
                 log.info("select: %s has no %s score: %s", name, score, reason)
 
