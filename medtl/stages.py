@@ -1144,7 +1144,8 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
                                  f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
                                  f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
                                  "zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics.",
-                                 *_adapt_selection_note(ws)]},
+                                 *_adapt_selection_note(ws)],
+                       "selection": _adapt_selection_rows(ws)},
         "shift_diagnostics": _shift_context(manifest, data, config.report.shift_images_per_site),
         "limitations": [*_limitations(config, manifest), *config.report.limitations],
         "provenance": _report_provenance(config, ws, manifest),
@@ -1251,6 +1252,22 @@ def _adapt_selection_note(ws: Workspace) -> list[str]:
     epoch = f" (epoch {chosen['epoch']})" if chosen.get("epoch") is not None else ""  # AdaBN trains no epochs
     return [f"Without target labels, the {chosen.get('scorer', 'unsupervised')} score chose {chosen['method']}"
             f"{epoch} as the adapted model to deploy."]
+
+
+def _adapt_selection_rows(ws: Workspace) -> list[dict]:
+    """Each unsupervised scorer's pick and the offline oracle's, from ``adapt/selection.json`` (empty without it)."""
+    path = ws.adapt / "selection.json"
+    if not path.exists():
+        return []
+    selection = json.loads(path.read_text())
+    rows = [{"scorer": scorer, "candidate": pick.get("candidate"), "target_auc": pick.get("target_auc"),
+             "auc_gap_to_oracle": pick.get("auc_gap_to_oracle"), "chosen": scorer == selection["scorer"],
+             "uses_target_labels": False}
+            for scorer, pick in selection["picks"].items()]
+    oracle = selection["oracle"]
+    return rows + [{"scorer": "oracle", "candidate": oracle.get("candidate"), "target_auc": oracle.get("target_auc"),
+                    "auc_gap_to_oracle": 0.0 if oracle.get("candidate") else None, "chosen": False,
+                    "uses_target_labels": True}]
 
 
 def _shift_context(manifest: pd.DataFrame, data: DataConfig, images_per_site: int) -> dict:

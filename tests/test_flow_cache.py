@@ -106,6 +106,12 @@ def test_rerun_skips_finished_stages_and_a_changed_field_reruns_downstream(prefe
     assert [row["phase"] for row in tables[FINETUNE_KEY]] == ["probe", "finetune"]  # tiny.yaml: LP-FT
     assert [row["method"] for row in tables[ADAPT_KEY]] == ["source_only", "adabn"]
     assert tables[ADAPT_KEY][1]["auc"] == round(report_before["adaptation"]["methods"]["adabn"]["auc"]["value"], 4)
+    # the report shows every scorer's pick, the deployed one marked, next to the oracle's (adapt/selection.json)
+    picks = json.loads((tmp_path / "run" / "adapt" / "selection.json").read_text())["picks"]
+    shown = report_before["adaptation"]["selection"]
+    assert [row["scorer"] for row in shown] == [*picks, "oracle"] and shown[-1]["uses_target_labels"]
+    assert [row["scorer"] for row in shown if row["chosen"]] == [config.adapt.selection_scorer]
+    assert all(row["candidate"] == picks[row["scorer"]]["candidate"] for row in shown[:-1])
     assert {row["hospital"] for row in tables[SITES_KEY]} == set(report_before["per_hospital"])
     sites = [json.loads(path.read_text()) for path in (tmp_path / "run" / "evaluate").glob("*.json")]
     assert len(sites) == 3

@@ -103,7 +103,16 @@ def make_context() -> dict:
         "finetune": {"backbone": "efficientnet_lite0.ssl", "freeze_groups": 2, "trainable_params": 2_871_234,
                      "epochs": 8, "lr": 1e-3, "weight_decay": 1e-4, "best_val_auc": 0.912},
         "adaptation": {"target_hospital": "hospital_c", "methods": ["source_only", "adabn", "coral"],
-                       "notes": "AdaBN re-estimates BatchNorm statistics; CORAL aligns feature covariances."},
+                       "notes": "AdaBN re-estimates BatchNorm statistics; CORAL aligns feature covariances.",
+                       "selection": [
+                           {"scorer": "ensv", "candidate": "coral@epoch2", "target_auc": 0.861,
+                            "auc_gap_to_oracle": 0.004, "chosen": True, "uses_target_labels": False},
+                           {"scorer": "entropy", "candidate": "source_only@epoch1", "target_auc": 0.702,
+                            "auc_gap_to_oracle": 0.163, "chosen": False, "uses_target_labels": False},
+                           {"scorer": "dev", "candidate": None, "target_auc": None, "auc_gap_to_oracle": None,
+                            "chosen": False, "uses_target_labels": False},
+                           {"scorer": "oracle", "candidate": "coral@epoch1", "target_auc": 0.865,
+                            "auc_gap_to_oracle": 0.0, "chosen": False, "uses_target_labels": True}]},
         "limitations": ["Synthetic cohort: images are simulated, not clinical.",
                         "Labels of the target hospital were used only for evaluation."],
         "shift_diagnostics": copy.deepcopy(_shift()),
@@ -145,6 +154,18 @@ def test_json_twin_has_metrics_with_cis_and_context(report):
     assert data["adaptation"]["best_method"] in {"adabn", "coral"}
     assert data["context"]["cohort"][2]["prevalence"] is None
     assert data["settings"]["n_bootstrap"] == 200
+
+
+def test_each_scorers_pick_is_shown_next_to_the_oracle(report):
+    html = report.html_path.read_text(encoding="utf-8")
+    table = html[html.index('id="selection-table"'):]
+    table = table[:table.index("</table>")]
+    rows = table.split("<tr")[2:]  # after the header row
+    assert [r.split('<td class="name">')[1].split("<")[0] for r in rows] == ["ensv", "entropy", "dev", "oracle"]
+    assert 'class="hl"' in rows[0] and "deployed" in rows[0] and "coral@epoch2" in rows[0] and "0.861" in rows[0]
+    assert "none (no candidate has this score)" in rows[2]
+    assert "uses labels" in rows[3] and "uses labels" not in "".join(rows[:3])
+    assert json.loads(report.json_path.read_text())["adaptation"]["selection"][0]["candidate"] == "coral@epoch2"
 
 
 def test_summary_markdown_has_headline_table(report):

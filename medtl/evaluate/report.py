@@ -212,7 +212,9 @@ def build_report(predictions: pd.DataFrame, context: dict, cfg: ReportConfig, ou
             :data:`ADAPTATION_KEYS`, ``provenance`` needs :data:`PROVENANCE_KEYS` with one
             :data:`PROVENANCE_SITE_KEYS` entry per cohort hospital, ``shift_diagnostics`` is
             :func:`medtl.evaluate.shift.shift_diagnostics` output); optional: ``provenance.git_commit``
-            and other provenance facts, ``adaptation.notes``, ``ingest.quarantine_reasons`` (reason → count),
+            and other provenance facts, ``adaptation.notes``, ``adaptation.selection`` (rows ``{scorer, candidate,
+            target_auc, auc_gap_to_oracle, chosen, uses_target_labels}``: each unsupervised scorer's pick and the
+            oracle's), ``ingest.quarantine_reasons`` (reason → count),
             ``finetune.negative_transfer`` (``{checked, transfer_val_auc, scratch_val_auc, delta, negative,
             message, fallback_applied}``).
         cfg: bootstrap size, confidence level, calibration bins, number of failure examples and whether to
@@ -523,7 +525,8 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
         "subgroups": {"model": primary, "attributes": _subgroups(primary_rows, ctx, per_hospital, threshold, cfg)},
         "shift_diagnostics": ctx["shift_diagnostics"],
         "adaptation": {"target_hospital": target, "baseline_model": BASELINE_MODEL,
-                       "baseline_auc": baseline_auc, "best_method": best, "methods": methods},
+                       "baseline_auc": baseline_auc, "best_method": best, "methods": methods,
+                       "selection": _as_list(ctx["adaptation"].get("selection"))},
         "failure_examples": _failure_examples(primary_rows, threshold, cfg.failure_examples),
         "limitations": {"items": limitations},
         "tripod_ai": {"guideline": "TRIPOD+AI (Collins et al., BMJ 2024;385:e078378)",
@@ -934,6 +937,10 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
                      "best": name == adapt["best_method"]}
                     for name, m in adapt["methods"].items()],
         "adaptation_notes": _as_list(ctx["adaptation"].get("notes")),
+        "selection": [{**row, "target_auc": _fmt_value(row.get("target_auc")),
+                       "auc_gap_to_oracle": _fmt_value(row.get("auc_gap_to_oracle")),
+                       "candidate": row.get("candidate") or "none (no candidate has this score)"}
+                      for row in adapt["selection"]],
         "failures": _failures_view(metrics["failure_examples"]),
         "checks": {"min_auc_ci_low": f"{MIN_AUC_CI_LOW:.2f}", "max_ece": f"{MAX_ECE:.2f}",
                    "min_per_class": MIN_PER_CLASS},
