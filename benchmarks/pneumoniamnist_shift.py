@@ -253,6 +253,14 @@ def seed_mean_auc(labels: np.ndarray, probs: list[list[float]], n_bootstrap: int
     return {"auc": float(np.mean(per_seed)), "low": float(low), "high": float(high), "per_seed": per_seed}
 
 
+def _spearman(score: list, auc: list) -> float:
+    """Rank correlation over the candidates that have both numbers (NaN when fewer than 3 do)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(score, auc) if a is not None and b is not None]
+    return float(spearmanr(*zip(*pairs)).statistic) if len(pairs) >= 3 else float("nan")
+
+
 def summarise(results: list[dict], args: argparse.Namespace) -> str:
     names = [SOURCE.name, *(t.name for t in TARGETS)]
     labels = results[0]["labels"]
@@ -335,6 +343,15 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             picks = ", ".join(str(r["adapt"][t]["picks"][s]["candidate"]) for r in results)
             cells.append(f"{np.mean(g):.3f} ({np.max(g):.3f}): {picks}" if g else "n/a")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "**Does each score order the candidates?** Spearman correlation between the score and the "
+              "candidates' target AUC over the (method, epoch) candidates of each run (`adapt/selection.json`), per "
+              "seed:", "", "| target | " + " | ".join(SCORERS) + " |", "|---|" + "---|" * len(SCORERS)]
+    for t in targets:
+        rows = [json.loads((args.out / f"seed{r['seed']}" / f"adapt_{t}" / "adapt" / "selection.json").read_text())[
+            "candidates"] for r in results]
+        lines.append(f"| {t} | " + " | ".join(
+            " / ".join(f"{_spearman([c[s] for c in run], [c['target_auc'] for c in run]):.2f}" for run in rows)
+            for s in SCORERS) + " |")
     lines += ["", "**Leave-one-hospital-out** (multi-source training on the other hospitals):", "",
               "| held-out hospital | AUC |", "|---|---|"]
     lines += [f"| {h} | {cell('loho', h)} |" for h in names]
