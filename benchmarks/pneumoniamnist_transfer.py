@@ -10,7 +10,8 @@ transferability scores and the selector. Steps:
 
 1. **In-domain SSL**: SimCLR (``--ssl-method``) on the training images *without their labels*, starting
    from ImageNet (continued pretraining), with the k-NN monitor on the labeled validation images; the
-   backbone is exported as ``efficientnet_lite0.ssl`` with its JSON card.
+   backbone is exported as ``efficientnet_lite0.ssl`` with its JSON card, and the backbone at each earlier
+   k-NN check as ``efficientnet_lite0.ssl_ep<N>`` (``--inits ssl_ep4 ...`` makes them candidates too).
 2. **SSL step throughput**: medtl's ``fit`` step vs lightly's own plain example loop (two forward passes,
    ``loss.backward()``, ``optimizer.step()``) on the same model, batch and optimizer, in interleaved rounds.
 3. **Fine-tuning**: label fractions (stratified, nested per seed) x initialisations x seeds. Every run has the
@@ -32,6 +33,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -44,12 +46,24 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "pneumoniamnist_28.npz"
 ARCH = "efficientnet_lite0"
 INITS = {"scratch": f"{ARCH}.scratch", "imagenet": f"{ARCH}.imagenet", "ssl": f"{ARCH}.ssl"}
+SSL_SNAPSHOT = re.compile(r"ssl_ep\d+")  # the SSL backbone after N epochs, exported at each k-NN check
 # MedMNIST v2, Table 4, PneumoniaMNIST test split (../shared/data/ATTRIBUTION.md)
 PUBLISHED = {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864), "ResNet-50 (28)": (0.948, 0.854),
              "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855), "AutoKeras": (0.947, 0.878),
              "Google AutoML Vision": (0.991, 0.946)}
 
 log = logging.getLogger("benchmark")
+
+
+def backbone_name(init: str) -> str:
+    return INITS.get(init, f"{ARCH}.{init}")
+
+
+def init_name(value: str) -> str:
+    if value not in INITS and not SSL_SNAPSHOT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(INITS)} or ssl_ep<N> (an SSL snapshot "
+                                         "written at a k-NN check of the pretraining run)")
+    return value
 
 
 def prepare(npz: Path, out: Path, size: int) -> dict[str, list[dict]]:
@@ -111,7 +125,18 @@ def pretrain_ssl(records: dict[str, list[dict]], out: Path, args: argparse.Names
     imagenet_knn = {}
     monitor_before = KnnMonitor(monitor.train_loader, monitor.val_loader)
     monitor_before(-1, backbone, imagenet_knn)
-    result = fit(backbone, objective, loader, cfg, checkpoint_dir=out / "ssl_checkpoints", callbacks=[monitor],
+
+    def snapshot(epoch: int, model: torch.nn.Module, logs: dict) -> None:
+        # every monitored epoch before the last becomes a candidate of its own (``ssl_ep<N>``): a wider pool for
+        # the selection check than three initialisations
+        if "knn_acc" in logs and epoch + 1 < cfg.epochs:
+            save_backbone(model, out / "weights" / f"{ARCH}.ssl_ep{epoch + 1}",
+                          {"method": args.ssl_method, "init": INITS["imagenet"], "epochs": epoch + 1,
+                           "knn_acc": logs["knn_acc"], "size": args.size,
+                           "data": "pneumoniamnist_28.npz train split, labels withheld"})
+
+    result = fit(backbone, objective, loader, cfg, checkpoint_dir=out / "ssl_checkpoints",
+                 callbacks=[monitor, snapshot],
                  fingerprint_extra={"method": args.ssl_method, "size": args.size}, description="ssl")
     card = {"method": args.ssl_method, "init": INITS["imagenet"], "epochs": cfg.epochs, "n_images": len(unlabeled),
             "data": "pneumoniamnist_28.npz train split, labels withheld", "size": args.size,
@@ -223,7 +248,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     path = out / "runs" / f"{fraction:g}_{init}_{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    backbone = create_backbone(INITS[init], num_classes=2, weights_dir=out / "weights")
+    backbone = create_backbone(backbone_name(init), num_classes=2, weights_dir=out / "weights")
     mean, std = backbone.cfg.mean, backbone.cfg.std
     batch = min(args.batch, len(train))
     epochs = max(1, math.ceil(args.steps[fraction] / math.ceil(len(train) / batch)))
@@ -285,7 +310,7 @@ def frozen_features(records: dict[str, list[dict]], out: Path, args: argparse.Na
 
     frozen = {}
     for init in args.inits:
-        name, t0 = INITS[init], time.perf_counter()
+        name, t0 = backbone_name(init), time.perf_counter()
         backbone = create_backbone(name, num_classes=get_backbone_cfg(name, out / "weights").pretrained_classes,
                                    weights_dir=out / "weights")
         transform = eval_transform(2, args.size, backbone.cfg.mean, backbone.cfg.std)
@@ -366,7 +391,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
+    parser.add_argument("--inits", nargs="+", default=list(INITS), type=init_name,
+                        help="initialisations: scratch, imagenet, ssl, and ssl_ep<N> for the SSL backbone after N "
+                             "epochs (every k-NN check but the last is exported)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--val-checks", type=int, default=6, help="validation AUC checks per run (model selection)")
@@ -374,6 +401,8 @@ def main() -> None:
     parser.add_argument("--ssl-epochs", type=int, default=10)
     parser.add_argument("--ssl-batch", type=int, default=128)
     parser.add_argument("--ssl-lr", type=float, default=3e-4)
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="skip the SSL step-throughput comparison (e.g. when adding runs to a finished grid)")
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run: 1 seed, tiny budgets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -388,15 +417,16 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = prepare(args.data, args.out, args.size)
 
-    if "ssl" in args.inits:
+    if any(init.startswith("ssl") for init in args.inits):
         card = pretrain_ssl(records, args.out, args)
         print(f"SSL ({card['method']}, {card['epochs']} epochs, {card['seconds'] / 60:.1f} min): k-NN val accuracy "
               f"{card['knn_before']:.3f} (ImageNet) -> " + ", ".join(f"ep {c['epoch']}: {c['knn_acc']:.3f}"
                                                                    for c in card["knn_curve"]))
-    throughput = ssl_throughput(args)
-    print(f"SSL step throughput, medtl fit vs lightly's loop: {throughput['ratio_median']:.2f}x "
-          f"({throughput['medtl_images_per_s']:.1f} vs {throughput['lightly_images_per_s']:.1f} images/s; rounds "
-          + ", ".join(f"{r:.2f}" for r in throughput["ratios"]) + ")")
+    if not args.skip_throughput:
+        throughput = ssl_throughput(args)
+        print(f"SSL step throughput, medtl fit vs lightly's loop: {throughput['ratio_median']:.2f}x "
+              f"({throughput['medtl_images_per_s']:.1f} vs {throughput['lightly_images_per_s']:.1f} images/s; "
+              "rounds " + ", ".join(f"{r:.2f}" for r in throughput["ratios"]) + ")")
 
     runs, scores = [], {}
     frozen = frozen_features(records, args.out, args)
