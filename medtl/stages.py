@@ -1128,6 +1128,7 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
                                       evaluation_rows(manifest))
     card = json.loads((ws.finetune / "model.json").read_text())
     ranking = json.loads((ws.select / "ranking.json").read_text()) if (ws.select / "ranking.json").exists() else {}
+    selection_note, selection_rows = _adapt_selection(ws)
     context = {
         "title": config.report.title,
         "intended_use": config.report.intended_use,
@@ -1144,8 +1145,8 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
                                  f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
                                  f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
                                  "zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics.",
-                                 *_adapt_selection_note(ws)],
-                       "selection": _adapt_selection_rows(ws)},
+                                 *selection_note],
+                       "selection": selection_rows},
         "shift_diagnostics": _shift_context(manifest, data, config.report.shift_images_per_site),
         "limitations": [*_limitations(config, manifest), *config.report.limitations],
         "provenance": _report_provenance(config, ws, manifest),
@@ -1243,31 +1244,26 @@ def _with_image_columns(predictions: pd.DataFrame, eval_rows: pd.DataFrame) -> p
     return pd.concat(blocks, ignore_index=True)
 
 
-def _adapt_selection_note(ws: Workspace) -> list[str]:
-    """One sentence on the adapt stage's unsupervised model choice, when its summary records one."""
-    path = ws.adapt / "summary.json"
-    chosen = json.loads(path.read_text()).get("chosen") if path.exists() else None
-    if not isinstance(chosen, dict) or not chosen.get("method"):
-        return []
-    epoch = f" (epoch {chosen['epoch']})" if chosen.get("epoch") is not None else ""  # AdaBN trains no epochs
-    return [f"Without target labels, the {chosen.get('scorer', 'unsupervised')} score chose {chosen['method']}"
-            f"{epoch} as the adapted model to deploy."]
-
-
-def _adapt_selection_rows(ws: Workspace) -> list[dict]:
-    """Each unsupervised scorer's pick and the offline oracle's, from ``adapt/selection.json`` (empty without it)."""
+def _adapt_selection(ws: Workspace) -> tuple[list[str], list[dict]]:
+    """The adapt stage's unsupervised model choice, from ``adapt/selection.json`` (nothing without it): one
+    sentence naming the deployed model, and each scorer's pick next to the offline oracle's."""
     path = ws.adapt / "selection.json"
     if not path.exists():
-        return []
+        return [], []
     selection = json.loads(path.read_text())
+    chosen = selection["chosen"]
+    epoch = f" (epoch {chosen['epoch']})" if chosen.get("epoch") is not None else ""  # AdaBN trains no epochs
+    note = (f"Without target labels, the {selection['scorer']} score chose {chosen['method']}{epoch} as the adapted "
+            "model to deploy.")
     rows = [{"scorer": scorer, "candidate": pick.get("candidate"), "target_auc": pick.get("target_auc"),
              "auc_gap_to_oracle": pick.get("auc_gap_to_oracle"), "chosen": scorer == selection["scorer"],
              "uses_target_labels": False}
             for scorer, pick in selection["picks"].items()]
     oracle = selection["oracle"]
-    return rows + [{"scorer": "oracle", "candidate": oracle.get("candidate"), "target_auc": oracle.get("target_auc"),
-                    "auc_gap_to_oracle": 0.0 if oracle.get("candidate") else None, "chosen": False,
-                    "uses_target_labels": True}]
+    return [note], rows + [{"scorer": "oracle", "candidate": oracle.get("candidate"),
+                            "target_auc": oracle.get("target_auc"),
+                            "auc_gap_to_oracle": 0.0 if oracle.get("candidate") else None, "chosen": False,
+                            "uses_target_labels": True}]
 
 
 def _shift_context(manifest: pd.DataFrame, data: DataConfig, images_per_site: int) -> dict:
