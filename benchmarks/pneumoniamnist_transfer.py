@@ -125,22 +125,20 @@ def pretrain_ssl(records: dict[str, list[dict]], out: Path, args: argparse.Names
     imagenet_knn = {}
     monitor_before = KnnMonitor(monitor.train_loader, monitor.val_loader)
     monitor_before(-1, backbone, imagenet_knn)
+    provenance = {"method": args.ssl_method, "init": INITS["imagenet"], "n_images": len(unlabeled),
+                  "data": "pneumoniamnist_28.npz train split, labels withheld", "size": args.size}
 
     def snapshot(epoch: int, model: torch.nn.Module, logs: dict) -> None:
         # every monitored epoch before the last becomes a candidate of its own (``ssl_ep<N>``): a wider pool for
         # the selection check than three initialisations
         if "knn_acc" in logs and epoch + 1 < cfg.epochs:
             save_backbone(model, out / "weights" / f"{ARCH}.ssl_ep{epoch + 1}",
-                          {"method": args.ssl_method, "init": INITS["imagenet"], "epochs": epoch + 1,
-                           "knn_acc": logs["knn_acc"], "size": args.size,
-                           "data": "pneumoniamnist_28.npz train split, labels withheld"})
+                          {**provenance, "epochs": epoch + 1, "knn_acc": logs["knn_acc"]})
 
     result = fit(backbone, objective, loader, cfg, checkpoint_dir=out / "ssl_checkpoints",
                  callbacks=[monitor, snapshot],
                  fingerprint_extra={"method": args.ssl_method, "size": args.size}, description="ssl")
-    card = {"method": args.ssl_method, "init": INITS["imagenet"], "epochs": cfg.epochs, "n_images": len(unlabeled),
-            "data": "pneumoniamnist_28.npz train split, labels withheld", "size": args.size,
-            "config": cfg.model_dump(mode="json"), "knn_before": imagenet_knn.get("knn_acc"),
+    card = {**provenance, "epochs": cfg.epochs, "config": cfg.model_dump(mode="json"), "knn_before": imagenet_knn.get("knn_acc"),
             "knn_curve": [{"epoch": h["epoch"], "knn_acc": h["knn_acc"]} for h in result.history if "knn_acc" in h],
             "history": result.history, "seconds": result.seconds}
     save_backbone(backbone, out / "weights" / f"{ARCH}.ssl", card)
