@@ -268,7 +268,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
             best.update(val_auc=auc, epoch=epoch + 1, state={k: v.clone() for k, v in model.state_dict().items()})
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=args.lr, weight_decay=1e-4, warmup_epochs=0,
-                      seed=seed, progress=False, device="cpu")
+                      ema_decay=args.ema_decay, seed=seed, progress=False, device="cpu")
     t0 = time.perf_counter()
     fit(backbone, Supervised(), loader, cfg, callbacks=[keep_best], description=f"{init} {fraction:g} s{seed}")
     seconds = time.perf_counter() - t0
@@ -284,6 +284,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
         test_probability = positive_probability(backbone, test_loader, device="cpu")
     metrics = binary_metrics(y_test, test_probability, threshold=0.5, n_bootstrap=1000, seed=seed)
     result = {"init": init, "fraction": fraction, "seed": seed, "n_train": len(train), "epochs": epochs,
+              "size": args.size, "ema_decay": args.ema_decay,
               "recipe": recipe, "finetune_val_auc": best["val_auc"], "probe_val_auc": probe["val_auc"],
               "probe_C": probe["C"], "best_epoch": best["epoch"], "val_auc": chosen_val_auc, "seconds": seconds,
               "test_auc": metrics["auc"]["value"],
@@ -394,6 +395,9 @@ def main() -> None:
                              "epochs (every k-NN check but the last is exported)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="fine-tune with a moving average of the weights (TrainConfig.ema_decay); the "
+                             "validation checks and the test evaluation use the averaged weights")
     parser.add_argument("--val-checks", type=int, default=6, help="validation AUC checks per run (model selection)")
     parser.add_argument("--ssl-method", default="simclr", choices=["simclr", "moco", "byol", "vicreg"])
     parser.add_argument("--ssl-epochs", type=int, default=10)

@@ -312,6 +312,10 @@ class TrainConfig(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup_epochs: int = Field(0, ge=0)
     grad_clip_norm: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (decay per step, "
+        "e.g. 0.99 for a few hundred steps, 0.999 for thousands); validation callbacks judge, and the run returns, "
+        "the averaged weights. null = off")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
     deterministic: bool = True

@@ -76,6 +76,44 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(array_records, tmp_path
         torch.testing.assert_close(a, b)
 
 
+def _weights(model):
+    return torch.cat([v.detach().float().flatten() for v in model.state_dict().values()])
+
+
+def test_weight_average_is_what_callbacks_and_the_caller_get_while_training_follows_the_raw_weights(array_records):
+    torch.manual_seed(0)
+    plain = TinyNet()
+    plain_result = fit(plain, Supervised(), _loader(array_records), _cfg(epochs=3))
+
+    seen = []
+    torch.manual_seed(0)
+    averaged = TinyNet()
+    result = fit(averaged, Supervised(), _loader(array_records), _cfg(epochs=3, ema_decay=0.9),
+                 callbacks=[lambda epoch, model, logs: seen.append(_weights(model))])
+    # the optimizer never sees the average: the same losses, step for step, as without it
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in plain_result.history]
+    assert not torch.allclose(_weights(averaged), _weights(plain))
+    assert torch.equal(seen[-1], _weights(averaged))
+
+    torch.manual_seed(0)
+    barely = TinyNet()  # a decay near 0 averages over about one step: the raw weights again
+    fit(barely, Supervised(), _loader(array_records), _cfg(epochs=3, ema_decay=1e-9))
+    torch.testing.assert_close(_weights(barely), _weights(plain))
+
+
+def test_resume_keeps_the_weight_average(array_records, tmp_path):
+    cfg = _cfg(epochs=3, ema_decay=0.9)
+    torch.manual_seed(0)
+    straight = TinyNet()
+    fit(straight, Supervised(), _loader(array_records), cfg)
+    torch.manual_seed(0)
+    with pytest.raises(_Killed):
+        fit(TinyNet(), Supervised(), _loader(array_records), cfg, checkpoint_dir=tmp_path, callbacks=[_kill_at(1)])
+    resumed = TinyNet()
+    assert fit(resumed, Supervised(), _loader(array_records), cfg, checkpoint_dir=tmp_path).resumed_from_epoch == 0
+    torch.testing.assert_close(_weights(resumed), _weights(straight))
+
+
 def test_checkpoint_from_other_settings_is_not_resumed(array_records, tmp_path):
     fit(TinyNet(), Supervised(), _loader(array_records), _cfg(epochs=1), checkpoint_dir=tmp_path)
     result = fit(TinyNet(), Supervised(), _loader(array_records), _cfg(epochs=1, lr=1e-2), checkpoint_dir=tmp_path)

@@ -101,11 +101,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, fingerprint: str,
-                    history: list[dict]) -> None:
-    """Save everything needed to continue training after ``epoch`` (0-based, completed)."""
+                    history: list[dict], average: torch.nn.Module | None = None) -> None:
+    """Save everything needed to continue training after ``epoch`` (0-based, completed); ``average``: the moving
+    average of the weights, when the run keeps one."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"model{_SEP}{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"objective{_SEP}{k}": v for k, v in objective.state_dict().items()})
+    if average is not None:
+        tensors.update({f"average{_SEP}{k}": v for k, v in average.state_dict().items()})
     opt_state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in opt_state["state"].items():
@@ -143,13 +146,16 @@ def read_header(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, objective: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, header: dict | None = None) -> dict:
+                    optimizer: torch.optim.Optimizer, scheduler: Any, header: dict | None = None,
+                    average: torch.nn.Module | None = None) -> dict:
     """Restore the states saved by :func:`save_checkpoint`; returns the JSON header (``header``: the file's, when
     the caller has already read it with :func:`read_header`)."""
     header = read_header(path) if header is None else header
     tensors = load_tensors(path)
     model.load_state_dict(_strip(tensors, "model"))
     objective.load_state_dict(_strip(tensors, "objective"))
+    if average is not None:
+        average.load_state_dict(_strip(tensors, "average"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in _strip(tensors, "optim").items():
         idx, name = key.split(_SEP)

@@ -1,8 +1,9 @@
 """The only training loop. Pretraining, fine-tuning and adaptation all call :func:`fit`.
 
 ``fit`` does the engineering — device choice, bf16 autocast on GPU, channels_last, gradient
-clipping, warm-up + cosine schedule, seeding and deterministic mode, a progress bar, resumable
-safetensors checkpoints — and nothing else: the objective decides what the loss is.
+clipping, warm-up + cosine schedule, an optional moving average of the weights, seeding and deterministic
+mode, a progress bar, resumable safetensors checkpoints — and nothing else: the objective decides what the
+loss is.
 
 Resumption is exact: every epoch starts by seeding the global RNGs with ``seed + epoch`` and
 re-seeding the dataset's random transforms, so epoch *e* sees the same shuffling and augmentation
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -151,6 +153,13 @@ def _set_epoch(loader: Iterable, epoch: int) -> None:
             part.set_epoch(epoch)
 
 
+def _swap_in_average(model: nn.Module, average: ModelEmaV3) -> dict[str, torch.Tensor]:
+    """Load the averaged weights into ``model`` (callbacks judge and keep those); return the raw ones."""
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(average.module.state_dict())
+    return trained
+
+
 def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConfig, *,
         checkpoint_dir: Path | None = None, param_groups: Sequence[dict] | None = None,
         callbacks: Sequence[EpochCallback] = (), fingerprint_extra: dict | None = None,
@@ -177,7 +186,10 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             ``cfg.epochs``-th) *before* the final checkpoint is written, so what it does to the model
             (e.g. restoring the best weights) is what a resumed run gets back too. Callbacks may unfreeze
             parameters between epochs; the optimizer must already hold them (see
-            :func:`medtl.finetune.optimizer_groups` ``include_frozen``).
+            :func:`medtl.finetune.optimizer_groups` ``include_frozen``). With ``cfg.ema_decay`` set, callbacks
+            see the moving average of the weights (so a best-checkpoint callback keeps averaged weights); what
+            they write into the weights is dropped when training goes on from the raw weights, except after
+            the last epoch.
         fingerprint_extra: anything else that must match for a checkpoint to be resumed.
         description: label of the progress bar.
 
@@ -187,7 +199,8 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
     and only rank 0 writes the checkpoint (the others wait for it).
 
     Returns:
-        :class:`FitResult`; the model is left on the training device, in eval mode.
+        :class:`FitResult`; the model is left on the training device, in eval mode, holding the moving average
+        of the weights when ``cfg.ema_decay`` is set (or what ``on_fit_end`` callbacks put there).
 
     Raises:
         ValueError: an empty loader, or nothing to train.
@@ -215,6 +228,10 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
     objective.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # Polyak-style averaging (timm's ModelEmaV3) with its warm-up, so the first steps' average is not the start
+    # weights: fine-tuning runs here are hundreds of steps, not the millions the plain decay is meant for
+    average = (ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
+               if cfg.ema_decay is not None else None)
 
     groups = list(param_groups) if param_groups is not None else [{"params": trainable_parameters(model, objective)}]
     if param_groups is not None:
@@ -238,7 +255,7 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
         header = read_header(ckpt_path)  # refuses a file that is not a medtl checkpoint: never overwritten silently
         if header["fingerprint"] == fingerprint:
             load_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                            header=header)
+                            header=header, average=average)
             start_epoch = header["epoch"] + 1
             result.history = header["history"]
             result.resumed_from_epoch = header["epoch"]
@@ -299,6 +316,8 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps += 1
+            if average is not None:
+                average.update(model, step=epoch * steps_per_epoch + n_steps)
             bar.set_postfix(loss=f"{logs.get('loss', loss.item()):.4f}")
         means = {k: v / max(1, n_steps) for k, v in sums.items()}
         if step is not None:
@@ -307,6 +326,7 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             means = ctx.mean(means, device)
         epoch_logs: dict[str, Any] = {"epoch": epoch + 1, **means, "lr": scheduler.get_last_lr()[0]}
         model.eval()
+        trained = _swap_in_average(model, average) if average is not None else None
         for callback in callbacks:
             callback(epoch, model, epoch_logs)
         stop = bool(epoch_logs.pop(STOP_TRAINING, False))
@@ -319,13 +339,16 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
             for callback in callbacks:
                 if callable(getattr(callback, "on_fit_end", None)):
                     callback.on_fit_end(model)
+        if trained is not None and not last:
+            model.load_state_dict(trained)  # training goes on from the raw weights, not from their average
         result.history.append(epoch_logs)
         log.info("%s epoch %d/%d %s", description, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in epoch_logs.items() if isinstance(v, float)))
         if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             if ctx is None or ctx.is_main:
                 save_checkpoint(ckpt_path, model=model, objective=objective, optimizer=optimizer,
-                                scheduler=scheduler, epoch=epoch, fingerprint=fingerprint, history=result.history)
+                                scheduler=scheduler, epoch=epoch, fingerprint=fingerprint, history=result.history,
+                                average=average)
             if ctx is not None:
                 ctx.barrier()  # no rank moves on (and may read the checkpoint) before it is complete
         if stop:
