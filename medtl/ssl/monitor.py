@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medtl.select.scores import knn_accuracy
-from medtl.train.core import to_device
+from medtl.train.core import prefers_channels_last, to_device
 
 
 @torch.no_grad()
@@ -43,10 +43,11 @@ def embed_loader(model: nn.Module, loader: Iterable[dict], device: torch.device 
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    channels_last = prefers_channels_last(model, device)
     features, labels = [], []
     try:
         for batch in loader:
-            x = to_device(batch["image"], device, channels_last=device.type == "cuda")
+            x = to_device(batch["image"], device, channels_last=channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 features.append(model.embed(x).float().cpu())
             labels.append(torch.as_tensor(batch["label"]).long().cpu())

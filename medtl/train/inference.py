@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medtl.train.core import select_device, to_device
+from medtl.train.core import prefers_channels_last, select_device, to_device
 
 
 @torch.no_grad()
@@ -21,11 +21,14 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: str = "auto",
     """
     dev = select_device(device)
     model.to(dev).eval()
+    channels_last = prefers_channels_last(model, dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     fn = fn or (lambda m, x: m(x))
     use_bf16 = dev.type == "cuda"
     outputs = []
     for batch in loader:
-        x = to_device(batch[key], dev, channels_last=dev.type == "cuda")
+        x = to_device(batch[key], dev, channels_last=channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             outputs.append(fn(model, x).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0,), np.float32)
