@@ -1,7 +1,7 @@
 """Memory layout on the CPU, side by side in one run: the same steps in contiguous (NCHW) and channels_last (NHWC).
 
 ``medtl.train.fit`` and ``medtl.train.inference`` run 2-D nets channels_last on the CPU as well as on CUDA
-(:func:`medtl.train.core.prefers_channels_last`), because oneDNN's convolutions are faster in that layout. This
+(:func:`medtl.train.core.use_channels_last`), because oneDNN's convolutions are faster in that layout. This
 script measures that choice on the embedded backbone (ImageNet EfficientNet-Lite0, grey input, 2-class head):
 
 * ``fine-tune step``: forward, cross-entropy, backward, AdamW step on a batch of ``--batch`` images;

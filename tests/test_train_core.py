@@ -7,7 +7,7 @@ from medtl.config import AugmentConfig, TrainConfig
 from medtl.data.datasets import SampleDataset, make_loader
 from medtl.data.transforms import train_transform
 from medtl.train import Supervised, fit, select_device
-from medtl.train.core import CHECKPOINT_NAME, prefers_channels_last
+from medtl.train.core import CHECKPOINT_NAME, use_channels_last
 from medtl.train.inference import positive_probability
 from tests.conftest import TinyNet
 
@@ -135,8 +135,8 @@ def test_2d_nets_train_channels_last_and_3d_nets_keep_their_layout(array_records
     fit(model, Supervised(), _loader(array_records), _cfg(epochs=1))
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     for device in ("cpu", "cuda"):  # a 5-D weight has no channels_last layout: converting it would raise
-        assert not prefers_channels_last(TinyNet(spatial_dims=3), torch.device(device))
-        assert prefers_channels_last(TinyNet(), torch.device(device))
+        assert not use_channels_last(TinyNet(spatial_dims=3), torch.device(device))
+        assert use_channels_last(TinyNet(), torch.device(device))
 
 
 def test_select_device_cpu_and_errors():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medtl.select.scores import knn_accuracy
-from medtl.train.core import prefers_channels_last, to_device
+from medtl.train.core import to_device, use_channels_last
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def embed_loader(model: nn.Module, loader: Iterable[dict], device: torch.device 
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    channels_last = prefers_channels_last(model, device)
+    channels_last = use_channels_last(model, device)
     features, labels = [], []
     try:
         for batch in loader:

@@ -91,14 +91,18 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """Whether ``model`` should run in channels_last layout on ``device``.
+def use_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Lay ``model`` (already on ``device``) out channels_last where that is faster; return whether it did, so the
+    caller lays its batches out the same way (:func:`to_device`).
 
     Yes for 2-D nets on CUDA and on the CPU, whose oneDNN convolutions are faster in that layout (EfficientNet-Lite0
-    at 64 px on one core: 1.4-1.6x faster training steps, see docs/benchmarks.md); no for 3-D nets, whose 5-D
-    weights have no channels_last layout, and on MPS.
+    at 64 px on 2 cores: 1.63x faster fine-tuning steps, 1.49x faster inference; benchmarks/channels_last_cpu.py);
+    no for 3-D nets, whose 5-D weights have no channels_last layout (converting them raises), and on MPS.
     """
-    return device.type in ("cuda", "cpu") and not any(p.ndim == 5 for p in model.parameters())
+    preferred = device.type in ("cuda", "cpu") and not any(p.ndim == 5 for p in model.parameters())
+    if preferred:
+        model.to(memory_format=torch.channels_last)
+    return preferred
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -233,11 +237,9 @@ def fit(model: nn.Module, objective: Objective, loader: Iterable, cfg: TrainConf
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     if cfg.precision == "bf16" and device.type != "cuda":
         log.warning("precision bf16 requested on %s; running fp32 (bf16 autocast is used on CUDA only)", device)
-    channels_last = prefers_channels_last(model, device)
     model.to(device)
     objective.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = use_channels_last(model, device)
     # Polyak-style averaging (timm's ModelEmaV3) with its warm-up, so the first steps' average is not the start
     # weights: fine-tuning runs here are hundreds of steps, not the millions the plain decay is meant for
     average = (ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medtl.train.core import prefers_channels_last, select_device, to_device
+from medtl.train.core import select_device, to_device, use_channels_last
 
 
 @torch.no_grad()
@@ -21,9 +21,7 @@ def run_inference(model: nn.Module, loader: Iterable, *, device: str = "auto",
     """
     dev = select_device(device)
     model.to(dev).eval()
-    channels_last = prefers_channels_last(model, dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = use_channels_last(model, dev)
     fn = fn or (lambda m, x: m(x))
     use_bf16 = dev.type == "cuda"
     outputs = []
