@@ -14,8 +14,9 @@ official splits in the manifest's ``split`` column), so what is measured is what
 * ``run_finetune`` with every fine-tuning strategy on the source hospital (ImageNet EfficientNet-Lite0; ``full``
   also trains the negative-transfer gate's scratch baseline);
 * ``run_adapt`` per target hospital, from the ``full`` model, with every method (``source_only`` is the same
-  training with the zero plugin) and unsupervised selection of (method, epoch) by EnsV (the stage's default
-  scorer), DEV, IWCV, SND and entropy, next to the offline oracle pick that reads target labels;
+  training with the zero plugin; ``--regs 0.3 1.0`` trains every loss plugin once per weight) and unsupervised
+  selection of (method, epoch) by EnsV (the stage's default scorer), DEV, IWCV, SND and entropy, next to the
+  offline oracle pick that reads target labels;
 * the *target-supervised oracle*: ``run_finetune`` on the target hospital's own labeled training images;
 * *leave-one-hospital-out*: ``run_leave_one_hospital_out``: fine-tuning on every other hospital's labeled images
   (multi-source training, the domain-generalisation baseline), evaluated on the held-out hospital.
@@ -42,13 +43,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.torch import load_file
 
 from medtl.config import AdaptConfig, DataConfig, FinetuneConfig, TrainConfig
 from medtl.data.shift import PRESET_PROFILES, AcquisitionProfile, resample_prevalence, simulate_acquisition, \
     simulate_hospitals
 from medtl.evaluate.metrics import binary_metrics
 from medtl.ingest.manifest import MANIFEST_COLUMNS, as_table, write_table_atomic
-from medtl.stages import run_adapt, run_finetune, run_leave_one_hospital_out
+from medtl.select.unsupervised import ensemble_agreement_scores
+from medtl.stages import adaptation_runs, run_adapt, run_finetune, run_leave_one_hospital_out
 from medtl.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +160,11 @@ def _predictions(ws: Workspace, stage: str) -> pd.DataFrame:
     return pd.read_parquet(getattr(ws, stage) / "predictions.parquet")
 
 
+def _adapt_cfg(args: argparse.Namespace, seed: int = 0) -> AdaptConfig:
+    return AdaptConfig(methods=list(METHODS), reg=args.regs,
+                       train=TrainConfig(epochs=args.adapt_epochs, batch_size=64, lr=3e-4, seed=seed, progress=False))
+
+
 def adapt_target(root: Path, target: AcquisitionProfile, manifest: pd.DataFrame, seed: int,
                  args: argparse.Namespace) -> dict:
     """``run_adapt`` from the seed's ``full`` model to one target hospital, with the stage's default scorer;
@@ -165,19 +173,38 @@ def adapt_target(root: Path, target: AcquisitionProfile, manifest: pd.DataFrame,
     ws = workspace(root / f"adapt_{target.name}", manifest)
     if not ws.finetune.exists():
         ws.finetune.symlink_to((root / "finetune_full" / "finetune").resolve())
-    run_adapt(AdaptConfig(methods=list(METHODS), reg=1.0,
-                          train=TrainConfig(epochs=args.adapt_epochs, batch_size=64, lr=3e-4, seed=seed,
-                                            progress=False)),
-              _data(args, [SOURCE.name], target.name), ws)
+    run_adapt(_adapt_cfg(args, seed), _data(args, [SOURCE.name], target.name), ws)
     frame = _predictions(ws, "adapt")
     selection = json.loads((ws.adapt / "selection.json").read_text())
     log.info("seed %d adapt %s: %.0f s", seed, target.name, time.perf_counter() - t0)
     return {"probs": {m: test_predictions(g, target.name)["prob"].round(6).tolist() for m, g in frame.groupby("model")},
-            "scorer": selection["scorer"],
+            "scorer": selection["scorer"], "n_candidates": len(selection["candidates"]),
+            "ensv_per_reg": ensv_per_reg(ws, selection, args),
             "picks": {s: {k: p.get(k) for k in ("candidate", "target_auc", "auc_gap_to_oracle")}
                       for s, p in selection["picks"].items()},
             "oracle_pick": {k: selection["oracle"].get(k) for k in ("candidate", "target_auc")},
             "seconds": time.perf_counter() - t0}
+
+
+def ensv_per_reg(ws: Workspace, selection: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """EnsV's pick when the pool holds only one ``reg`` value's runs (plus source_only, adabn and tent), from the
+    same trained candidates' saved target probabilities: the pools compare side by side, with no training noise
+    between them. Keyed by the reg value; empty with a single value."""
+    if len(args.regs) < 2:
+        return {}
+    probabilities = load_file(str(ws.adapt / "target_probabilities.safetensors"))
+    reg_of = {run: reg for run, _, reg in adaptation_runs(_adapt_cfg(args))}
+    out = {}
+    for reg in args.regs:
+        pool = [row for row in selection["candidates"] if reg_of[row["method"]] in (None, reg)]
+        scores = ensemble_agreement_scores([probabilities[row["candidate"]].numpy() for row in pool])
+        pick = pool[int(np.argmax(scores))]  # the first of ties, as the stage breaks them
+        oracle = max(pool, key=lambda row: row["target_auc"])
+        out[f"{reg:g}"] = {"n_candidates": len(pool), "candidate": pick["candidate"],
+                           "target_auc": pick["target_auc"],
+                           "oracle": oracle["candidate"], "oracle_auc": oracle["target_auc"],
+                           "auc_gap_to_oracle": oracle["target_auc"] - pick["target_auc"]}
+    return out
 
 
 def run_seed(seed: int, data: np.lib.npyio.NpzFile, args: argparse.Namespace) -> dict:
@@ -272,8 +299,9 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
     for strategy in STRATEGIES:
         for h in names:
             add(f"finetune:{strategy}", h, [r["finetune"][strategy]["probs"][h] for r in results])
+    runs = [run for run, _, _ in adaptation_runs(_adapt_cfg(args))]
     for t in TARGETS:
-        for m in METHODS:
+        for m in runs:
             add(f"adapt:{m}", t.name, [r["adapt"][t.name]["probs"][m] for r in results])
         add("oracle", t.name, [r["oracle"][t.name] for r in results])
     for h in names:
@@ -285,8 +313,9 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
 
     seeds = [r["seed"] for r in results]
     lines = [f"Seeds {seeds}; image size {args.size}; fine-tuning {args.epochs} epochs, adaptation "
-             f"{args.adapt_epochs} epochs. AUC = mean over seeds of the test AUC, [95 % CI] from a bootstrap of "
-             f"test images shared by all seeds ({args.n_bootstrap} resamples).", ""]
+             f"{args.adapt_epochs} epochs, adaptation-loss weight reg {args.regs}. AUC = mean over seeds of the "
+             f"test AUC, [95 % CI] from a bootstrap of test images shared by all seeds ({args.n_bootstrap} "
+             "resamples).", ""]
     c = results[0]["counts"]
     lines += ["| hospital | profile | train | val | test (prevalence) |", "|---|---|---|---|---|"]
     for h in names:
@@ -306,7 +335,7 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
     targets = [t.name for t in TARGETS]
     lines += ["**Adaptation** (from the `full` model; source labeled + target unlabeled; test AUC on the target):",
               "", "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
-    for m in METHODS:
+    for m in runs:
         lines.append(f"| {m} | " + " | ".join(cell(f"adapt:{m}", t) for t in targets) + " |")
     lines.append("| multi-source (trained on the other hospitals, labeled) | "
                  + " | ".join(cell("loho", t) for t in targets) + " |")
@@ -324,7 +353,7 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
     gaps = {}
     for t in targets:
         so, orc = auc[("adapt:source_only", t)]["auc"], auc[("oracle", t)]["auc"]
-        best = max((m for m in METHODS if m != "source_only"), key=lambda m: auc[(f"adapt:{m}", t)]["auc"])
+        best = max((m for m in runs if m != "source_only"), key=lambda m: auc[(f"adapt:{m}", t)]["auc"])
         b = auc[(f"adapt:{best}", t)]["auc"]
         picked = float(np.mean([r["adapt"][t]["picks"][scorer]["target_auc"] for r in results]))
         gaps[t] = orc - so
@@ -343,6 +372,23 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             picks = ", ".join(str(r["adapt"][t]["picks"][s]["candidate"]) for r in results)
             cells.append(f"{np.mean(g):.3f} ({np.max(g):.3f}): {picks}" if g else "n/a")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if len(args.regs) > 1:
+        lines += ["", "**EnsV over a wider pool, side by side**: the same trained candidates, pooled with every reg "
+                  "value (the stage's pick) or with one value's runs only (plus source_only, adabn and tent); pick's "
+                  "test AUC, the pool's oracle, and the gap, mean over seeds (max), picks per seed:", "",
+                  "| target | pool | candidates | EnsV pick AUC | pool's oracle AUC | gap mean (max) | picks |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in targets:
+            rows = {"all": [{**r["adapt"][t]["picks"]["ensv"], "n_candidates": r["adapt"][t]["n_candidates"],
+                             "oracle_auc": r["adapt"][t]["oracle_pick"]["target_auc"]} for r in results]}
+            rows |= {f"reg {reg:g} only": [r["adapt"][t]["ensv_per_reg"][f"{reg:g}"] for r in results]
+                     for reg in args.regs}
+            for pool, per_seed in rows.items():
+                gaps = [x["auc_gap_to_oracle"] for x in per_seed]
+                lines.append(f"| {t} | {pool} | {per_seed[0]['n_candidates']} | "
+                             f"{np.mean([x['target_auc'] for x in per_seed]):.3f} | "
+                             f"{np.mean([x['oracle_auc'] for x in per_seed]):.3f} | {np.mean(gaps):.3f} "
+                             f"({np.max(gaps):.3f}) | {', '.join(x['candidate'] for x in per_seed)} |")
     lines += ["", "**Does each score order the candidates?** Spearman correlation between the score and the "
               "candidates' target AUC over the (method, epoch) candidates of each run (`adapt/selection.json`), per "
               "seed:", "", "| target | " + " | ".join(SCORERS) + " |", "|---|" + "---|" * len(SCORERS)]
@@ -370,6 +416,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--adapt-epochs", type=int, default=3)
     parser.add_argument("--n-bootstrap", type=int, default=1000)
+    parser.add_argument("--regs", type=float, nargs="+", default=[1.0],
+                        help="adaptation-loss weights; several train every loss plugin once per value, widening "
+                             "the pool that unsupervised selection chooses from")
     parser.add_argument("--quick", action="store_true", help="one seed, one epoch each: a smoke run")
     parser.add_argument("--rescore", action="store_true",
                         help="finished seeds: re-run only the adapt stage's selection (nothing trains)")

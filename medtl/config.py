@@ -459,7 +459,10 @@ class AdaptConfig(StrictModel):
         description="source_only (the zero plugin), adabn (BatchNorm statistics re-estimated on the target), tent "
                     "(test-time entropy minimisation of BatchNorm affine parameters), or a loss plugin: coral, "
                     "mmd (multi-kernel), dann, ot (DeepJDOT optimal transport), pseudo_label (FixMatch-style)")
-    reg: float = Field(1.0, ge=0, description="weight of the adaptation loss: total = task + reg * adaptation")
+    reg: Annotated[float, Field(ge=0)] | list[Annotated[float, Field(ge=0)]] = Field(
+        1.0, description="weight of the adaptation loss: total = task + reg * adaptation. A list trains every loss "
+                         "plugin (coral, mmd, dann, ot, pseudo_label) once per value, as runs named "
+                         "<method>-reg<value>; each run's epochs join the candidates that selection chooses from")
     # ensv by default: the one scorer that a confidently wrong candidate cannot fool (it disagrees with the
     # ensemble of the pool) and that needs no source validation images; entropy and snd give their best value to
     # a model that predicts one class for every target image, and dev / iwcv's density ratios degenerate when the
@@ -471,6 +474,18 @@ class AdaptConfig(StrictModel):
                             "snd (soft neighbourhood density) or entropy; all five are computed and reported either "
                             "way")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
+
+    @field_validator("reg")
+    @classmethod
+    def _distinct_reg_values(cls, reg: float | list[float]) -> float | list[float]:
+        if isinstance(reg, list) and (not reg or len(set(reg)) != len(reg)):
+            raise ValueError(f"reg: {reg} must list one or more distinct values, e.g. [0.3, 1.0]")
+        return reg
+
+    @property
+    def reg_values(self) -> list[float]:
+        """``reg`` as a list."""
+        return list(self.reg) if isinstance(self.reg, list) else [self.reg]
 
 
 REPORT_DEFAULT_MARKER = "[medtl default: replace with the site's own text]"

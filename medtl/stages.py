@@ -712,9 +712,10 @@ class AdaptCandidate:
     """One (method, epoch) model of the adaptation stage, as unsupervised selection sees it.
 
     Attributes:
-        method: the adaptation method (``AdaptConfig.methods``).
+        method: the adaptation run (:func:`adaptation_runs`): the method, or ``<method>-reg<value>`` when
+            ``AdaptConfig.reg`` lists several values.
         epoch: the epoch after which the model was taken (1-based); None for AdaBN, which has no epochs.
-        final: whether this is the method's final model (the one in ``adapt/<method>.safetensors``).
+        final: whether this is the run's final model (the one in ``adapt/<run>.safetensors``).
         weights: the candidate's safetensors file.
         arrays: the scorer inputs (``medtl.select.unsupervised.CANDIDATE_KEYS``): ``target_probabilities``
             (N_t, C), ``target_features`` (N_t, D), ``source_val_features`` (N_s, D), ``source_val_losses``
@@ -941,13 +942,46 @@ def select_adapted(candidates: list[AdaptCandidate], scorer: str, seed: int = 0,
     }
 
 
+# no adaptation-loss weight to sweep: the zero plugin, BatchNorm re-estimation and TENT's entropy-only objective
+_UNWEIGHTED_METHODS = frozenset({"source_only", "adabn", "tent"})
+
+
+def adaptation_runs(cfg: AdaptConfig) -> list[tuple[str, str, float | None]]:
+    """The runs the adapt stage trains, in order: every loss plugin once per ``cfg.reg`` value, the other methods
+    once.
+
+    Args:
+        cfg: the adapt section.
+
+    Returns:
+        ``(run, method, reg)`` per run (``reg`` None for source_only, adabn and tent); ``run`` names its files,
+        predictions and candidates: the method, or ``<method>-reg<value>`` when ``cfg.reg`` lists several
+        values.
+
+    Examples:
+        >>> [r for r, _, _ in adaptation_runs(AdaptConfig(methods=["source_only", "coral"], reg=[0.3, 1.0]))]
+        ['source_only', 'coral-reg0.3', 'coral-reg1']
+    """
+    regs = cfg.reg_values
+    runs = []
+    for method in cfg.methods:
+        if method in _UNWEIGHTED_METHODS:
+            runs.append((method, method, None))
+        elif len(regs) == 1:
+            runs.append((method, method, regs[0]))
+        else:
+            runs += [(f"{method}-reg{reg:g}", method, reg) for reg in regs]
+    return runs
+
+
 @tracking.stage("adapt")
 def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     """Adapt the fine-tuned model to the target hospital's unlabeled images, and choose among the adapted
     models without the target's labels.
 
-    Every method gets the same budget, and ``source_only`` is the same training with the zero plugin. Each
-    method's model after every epoch (AdaBN: its one model) is a *candidate*; the unsupervised scorers of
+    Every method gets the same budget, and ``source_only`` is the same training with the zero plugin; a loss
+    plugin trains once per ``cfg.reg`` value (:func:`adaptation_runs`). Each run's model after every epoch (AdaBN:
+    its one model) is a *candidate*; the unsupervised scorers of
     :mod:`medtl.select.unsupervised` (ensv, dev, iwcv, snd, entropy; higher is better) rank all candidates, from one
     inference pass per candidate over the target's unlabeled images and the source hospitals' validation split
     (``split == "val"``). The pick of ``cfg.selection_scorer`` is the stage's chosen model. The *oracle* (the
@@ -956,9 +990,9 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
 
     Writes to ``ws.adapt``:
 
-    * ``<method>.safetensors`` and ``predictions.parquet``: each method's final model and its predictions on
-      :func:`evaluation_rows` (column ``model`` = method), unchanged by selection.
-    * ``candidates/<method>-epoch<k>.safetensors``: every trained candidate's weights (one model file each;
+    * ``<run>.safetensors`` and ``predictions.parquet``: each run's final model and its predictions on
+      :func:`evaluation_rows` (column ``model`` = run), unchanged by selection.
+    * ``candidates/<run>-epoch<k>.safetensors``: every trained candidate's weights (one model file each;
       AdaBN's candidate is ``adabn.safetensors`` itself). A later call whose ``fit`` resumes a checkpoint takes
       the epochs it does not retrain back from here.
     * ``chosen.safetensors``: the chosen candidate's weights (metadata: method, epoch, scorer, score, backbone,
@@ -982,9 +1016,12 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         inputs          {target_unlabeled_images, source_val_images, feature_dim, target_labeled_images
                          (oracle only)}
 
-      A candidate is named ``<method>@epoch<k>`` (``epoch`` 1-based), or ``adabn`` (``epoch`` null).
-    * ``summary.json``: ``target_hospital``, ``methods``, ``reg``, ``target_auc`` (each method's final model),
-      ``details`` (per method), ``chosen`` ``{method, epoch, scorer}`` and ``selection`` (the short form:
+      A candidate is named ``<run>@epoch<k>`` (``epoch`` 1-based), or ``adabn`` (``epoch`` null); its
+      ``method`` field is the run.
+    * ``target_probabilities.safetensors``: each candidate's (N_t, C) probabilities on the target's unlabeled
+      images, keyed by candidate name (what ensv, snd and entropy read).
+    * ``summary.json``: ``target_hospital``, ``methods`` (the runs), ``reg``, ``target_auc`` (each run's final
+      model), ``details`` (per run), ``chosen`` ``{method, epoch, scorer}`` and ``selection`` (the short form:
       ``scorer``, ``chosen``, ``picks`` and ``oracle`` as ``{method, epoch, target_auc}``,
       ``n_candidates``, ``file: "selection.json"``).
 
@@ -1011,7 +1048,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         target, manifest[(manifest["role"] == "source") & (manifest["split"] == "val")],
         manifest[(manifest["role"] == "target") & manifest["label"].notna()], base, data, device=cfg.train.device)
     predictions, summary, candidates, not_evaluated = [], {}, [], []
-    for method in cfg.methods:
+    for run, method, reg in adaptation_runs(cfg):
         model = copy.deepcopy(base)
         if method == "adabn":
             n_bn = recompute_batchnorm_statistics(
@@ -1045,17 +1082,17 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             else:
                 target_loader = _train_loader(target, model, data, cfg.train.batch_size)
             loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size), target_loader)
-            extra = {"method": method, "base": card["backbone"], "reg": cfg.reg}
-            recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
-            result = fit(model, TaskWithAdaptation(plugin, reg=cfg.reg), loader, cfg.train,
-                         checkpoint_dir=ws.adapt / "checkpoints" / method,
-                         callbacks=[recorder, *tracking.epoch_callbacks(f"{method}/")],
-                         fingerprint_extra=extra, description=f"adapt {method}")
-            summary[method] = {"history": result.history, "seconds": result.seconds}
+            extra = {"method": method, "base": card["backbone"], "reg": reg}
+            recorder = _CandidateRecorder(run, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
+            result = fit(model, TaskWithAdaptation(plugin, reg=reg or 0.0), loader, cfg.train,
+                         checkpoint_dir=ws.adapt / "checkpoints" / run,
+                         callbacks=[recorder, *tracking.epoch_callbacks(f"{run}/")],
+                         fingerprint_extra=extra, description=f"adapt {run}")
+            summary[run] = {"history": result.history, "seconds": result.seconds, "reg": reg}
             candidates += recorder.collect(len(result.history), model, base)
             not_evaluated += recorder.missing
-        atomic_save_tensors(model.state_dict(), ws.adapt / f"{method}.safetensors", {"method": method})
-        predictions.append(_predict_all(model, eval_rows, data, method))
+        atomic_save_tensors(model.state_dict(), ws.adapt / f"{run}.safetensors", {"method": run})
+        predictions.append(_predict_all(model, eval_rows, data, run))
     frame = pd.concat(predictions, ignore_index=True)
     _write_parquet(frame, ws.adapt / "predictions.parquet")
     target_auc = {m: binary_metrics(g["label"].to_numpy(), g["prob"].to_numpy(), n_bootstrap=0)["auc"]["value"]
@@ -1071,13 +1108,19 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
                          "score": repr(selection["chosen"]["score"]), "backbone": card["backbone"],
                          "num_classes": str(card["num_classes"])})
     _write_json(ws.adapt / "selection.json", selection)
+    # what the label-free scorers that read predictions only (ensv, entropy, snd) saw, so a pick over another
+    # pool, e.g. a subset of the runs, can be recomputed without inference
+    atomic_save_tensors({c.name: torch.from_numpy(np.ascontiguousarray(c.arrays["target_probabilities"]))
+                         for c in candidates}, ws.adapt / "target_probabilities.safetensors",
+                        {"note": "candidate name -> (N_target_unlabeled, C) probabilities, in manifest order"})
     short = {"scorer": cfg.selection_scorer,
              "chosen": {k: selection["chosen"][k] for k in ("method", "epoch", "scorer")},
              "picks": {s: {k: p.get(k) for k in ("method", "epoch", "target_auc")}
                        for s, p in selection["picks"].items()},
              "oracle": {k: selection["oracle"][k] for k in ("method", "epoch", "target_auc")},
              "n_candidates": len(candidates), "file": "selection.json"}
-    _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital, "methods": cfg.methods,
+    _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital,
+                                            "methods": [run for run, _, _ in adaptation_runs(cfg)],
                                             "reg": cfg.reg, "target_auc": target_auc, "details": summary,
                                             "chosen": short["chosen"], "selection": short})
     tracking.log_model(ws.adapt / "chosen.safetensors", ws.adapt / "selection.json", ws.adapt / "summary.json")
@@ -1140,7 +1183,8 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
         "backbone_ranking": ranking.get("ranking", []),
         "finetune": {k: v for k, v in card.items() if k not in ("history", "threshold_source")},
         "adaptation": {"target_hospital": data.target_hospital,
-                       "methods": [m for m in config.adapt.methods if m in set(predictions["model"])],
+                       "methods": [run for run, _, _ in adaptation_runs(config.adapt)
+                                   if run in set(predictions["model"])],
                        "notes": [f"Every trained method continues from the fine-tuned model for "
                                  f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
                                  f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "

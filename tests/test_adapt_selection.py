@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from medtl import stages
 from medtl.config import AdaptConfig, PipelineConfig, load_config
 from medtl.models import create_backbone
-from medtl.select.unsupervised import UNSUPERVISED_SCORES
+from medtl.select.unsupervised import UNSUPERVISED_SCORES, ensemble_agreement_scores
 from medtl.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +194,42 @@ def test_selection_scorer_is_validated() -> None:
     assert AdaptConfig(selection_scorer="snd").selection_scorer == "snd"
     with pytest.raises(ValueError, match="selection_scorer"):
         AdaptConfig(selection_scorer="oracle")
+
+
+def test_a_list_of_reg_values_trains_each_loss_plugin_once_per_value(adapted, tmp_path, monkeypatch) -> None:
+    """Several adaptation-loss weights widen the candidate pool (Hu et al. 2024 select over each method's
+    hyper-parameters too): every loss plugin trains once per value under its own name, the other methods once."""
+    config, ws, _ = adapted
+    copy = Workspace(tmp_path / "regs")
+    shutil.copytree(ws.root, copy.root, ignore=shutil.ignore_patterns("dicom"))
+    monkeypatch.setenv("MEDTL_CACHE", str(tmp_path / "cache"))
+    cfg = config.adapt.model_copy(update={"methods": ["source_only", "tent", "coral"], "reg": [0.5, 2.0]})
+    assert [r for r, _, _ in stages.adaptation_runs(cfg)] == ["source_only", "tent", "coral-reg0.5", "coral-reg2"]
+
+    stages.run_adapt(cfg, config.data, copy)
+    selection, summary = read(copy, "selection.json"), read(copy, "summary.json")
+    runs = ["source_only", "tent", "coral-reg0.5", "coral-reg2"]
+    assert [row["candidate"] for row in selection["candidates"]] == [
+        f"{run}@epoch{e}" for run in runs for e in range(1, EPOCHS + 1)]
+    assert summary["methods"] == runs and summary["reg"] == [0.5, 2.0]
+    assert [summary["details"][run].get("reg") for run in runs] == [None, None, 0.5, 2.0]
+    assert sorted(pd.read_parquet(copy.adapt / "predictions.parquet")["model"].unique()) == sorted(runs)
+    weak, strong = (load_file(str(copy.adapt / f"coral-reg{r}.safetensors")) for r in ("0.5", "2"))
+    assert any(not torch.equal(weak[k], strong[k]) for k in weak if weak[k].is_floating_point())
+
+    # the saved target probabilities give back EnsV's scores, and its pick over any sub-pool without inference
+    probabilities = load_file(str(copy.adapt / "target_probabilities.safetensors"))
+    names = [row["candidate"] for row in selection["candidates"]]
+    assert sorted(probabilities) == sorted(names)
+    ensv = ensemble_agreement_scores([probabilities[n].numpy() for n in names])
+    np.testing.assert_allclose(ensv, [row["ensv"] for row in selection["candidates"]])
+
+
+@pytest.mark.parametrize("reg, message", [([], "one or more distinct"), ([1.0, 1.0], "one or more distinct"),
+                                          ([0.5, -1.0], "greater than or equal to 0")])
+def test_reg_values_are_checked(reg, message) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        AdaptConfig(reg=reg)
+    assert AdaptConfig(reg=0.3).reg_values == [0.3] and AdaptConfig(reg=[0.3, 1]).reg_values == [0.3, 1.0]
