@@ -50,7 +50,7 @@ from medtl.data.shift import PRESET_PROFILES, AcquisitionProfile, resample_preva
     simulate_hospitals
 from medtl.evaluate.metrics import binary_metrics
 from medtl.ingest.manifest import MANIFEST_COLUMNS, as_table, write_table_atomic
-from medtl.select.unsupervised import ensemble_agreement_scores
+from medtl.select.unsupervised import UnsupervisedSelector
 from medtl.stages import adaptation_runs, run_adapt, run_finetune, run_leave_one_hospital_out
 from medtl.workspace import Workspace
 
@@ -196,10 +196,11 @@ def ensv_per_reg(ws: Workspace, selection: dict, args: argparse.Namespace) -> di
     reg_of = {run: reg for run, _, reg in adaptation_runs(_adapt_cfg(args))}
     out = {}
     for reg in args.regs:
-        pool = [row for row in selection["candidates"] if reg_of[row["method"]] in (None, reg)]
-        scores = ensemble_agreement_scores([probabilities[row["candidate"]].numpy() for row in pool])
-        pick = pool[int(np.argmax(scores))]  # the first of ties, as the stage breaks them
-        oracle = max(pool, key=lambda row: row["target_auc"])
+        pool = {row["candidate"]: row for row in selection["candidates"] if reg_of[row["method"]] in (None, reg)}
+        # the stage's own selector and tie-break, on the scorer inputs it saved (predictions only: ensv needs no more)
+        best = UnsupervisedSelector(scorer="ensv").fit(
+            {name: {"target_probabilities": probabilities[name].numpy()} for name in pool}).best_
+        pick, oracle = pool[best], max(pool.values(), key=lambda row: row["target_auc"])
         out[f"{reg:g}"] = {"n_candidates": len(pool), "candidate": pick["candidate"],
                            "target_auc": pick["target_auc"],
                            "oracle": oracle["candidate"], "oracle_auc": oracle["target_auc"],

@@ -1048,7 +1048,8 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         target, manifest[(manifest["role"] == "source") & (manifest["split"] == "val")],
         manifest[(manifest["role"] == "target") & manifest["label"].notna()], base, data, device=cfg.train.device)
     predictions, summary, candidates, not_evaluated = [], {}, [], []
-    for run, method, reg in adaptation_runs(cfg):
+    runs = adaptation_runs(cfg)
+    for run, method, reg in runs:
         model = copy.deepcopy(base)
         if method == "adabn":
             n_bn = recompute_batchnorm_statistics(
@@ -1120,7 +1121,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
              "oracle": {k: selection["oracle"][k] for k in ("method", "epoch", "target_auc")},
              "n_candidates": len(candidates), "file": "selection.json"}
     _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital,
-                                            "methods": [run for run, _, _ in adaptation_runs(cfg)],
+                                            "methods": [run for run, _, _ in runs],
                                             "reg": cfg.reg, "target_auc": target_auc, "details": summary,
                                             "chosen": short["chosen"], "selection": short})
     tracking.log_model(ws.adapt / "chosen.safetensors", ws.adapt / "selection.json", ws.adapt / "summary.json")
@@ -1169,6 +1170,7 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
         raise FileNotFoundError(f"no predictions in {ws.finetune} or {ws.adapt}: run finetune (and adapt) first")
     predictions = _with_image_columns(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
                                       evaluation_rows(manifest))
+    predicted_models = set(predictions["model"])
     card = json.loads((ws.finetune / "model.json").read_text())
     ranking = json.loads((ws.select / "ranking.json").read_text()) if (ws.select / "ranking.json").exists() else {}
     selection_note, selection_rows = _adapt_selection(ws)
@@ -1183,8 +1185,7 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
         "backbone_ranking": ranking.get("ranking", []),
         "finetune": {k: v for k, v in card.items() if k not in ("history", "threshold_source")},
         "adaptation": {"target_hospital": data.target_hospital,
-                       "methods": [run for run, _, _ in adaptation_runs(config.adapt)
-                                   if run in set(predictions["model"])],
+                       "methods": [run for run, _, _ in adaptation_runs(config.adapt) if run in predicted_models],
                        "notes": [f"Every trained method continues from the fine-tuned model for "
                                  f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
                                  f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
