@@ -211,9 +211,11 @@ def ssl_throughput(args: argparse.Namespace, rounds: int = 5, steps: int = 8) ->
 # ------------------------------------------------------------------------------------------- fine-tuning
 
 
-def linear_probe(frozen: dict, index: np.ndarray, y_train: np.ndarray, y_val: np.ndarray) -> dict:
+def linear_probe(frozen: dict, index: np.ndarray, y_train: np.ndarray, y_val: np.ndarray,
+                 class_weight: str | None = None) -> dict:
     """The other recipe for a pretrained initialisation: logistic regression on its frozen features of the labeled
-    subset ``index``, its inverse regularisation C chosen on validation AUC, as fine-tuning chooses its epoch."""
+    subset ``index``, its inverse regularisation C chosen on validation AUC, as fine-tuning chooses its epoch;
+    ``class_weight="balanced"`` weighs classes as ``--class-weight balanced`` fine-tuning does."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
@@ -221,7 +223,7 @@ def linear_probe(frozen: dict, index: np.ndarray, y_train: np.ndarray, y_val: np
 
     best: dict = {"val_auc": -1.0}
     for c in (0.01, 0.1, 1.0):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, class_weight=class_weight))
         probe.fit(frozen["train"][index], y_train)
         auc = float(roc_auc_score(y_val, probe.predict_proba(frozen["val"])[:, 1]))
         if auc > best["val_auc"]:
@@ -240,7 +242,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     from medtl.data.transforms import eval_transform, train_transform
     from medtl.evaluate.metrics import binary_metrics
     from medtl.models import create_backbone
-    from medtl.train import Supervised, fit
+    from medtl.train import Supervised, balanced_class_weights, fit
     from medtl.train.inference import positive_probability
 
     path = out / "runs" / f"{fraction:g}_{init}_{seed}.json"
@@ -270,7 +272,11 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=args.lr, weight_decay=1e-4, warmup_epochs=0,
                       ema_decay=args.ema_decay, seed=seed, progress=False, device="cpu")
     t0 = time.perf_counter()
-    fit(backbone, Supervised(), loader, cfg, callbacks=[keep_best], description=f"{init} {fraction:g} s{seed}")
+    class_weights = None
+    if args.class_weight == "balanced":
+        class_weights = balanced_class_weights([r["label"] for r in train], num_classes=2)
+    fit(backbone, Supervised(class_weights=class_weights), loader, cfg, callbacks=[keep_best],
+        description=f"{init} {fraction:g} s{seed}")
     seconds = time.perf_counter() - t0
     y_test = np.array([r["label"] for r in test])
     # the one look at the test split, for the recipe chosen on validation
@@ -284,7 +290,7 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
         test_probability = positive_probability(backbone, test_loader, device="cpu")
     metrics = binary_metrics(y_test, test_probability, threshold=0.5, n_bootstrap=1000, seed=seed)
     result = {"init": init, "fraction": fraction, "seed": seed, "n_train": len(train), "epochs": epochs,
-              "size": args.size, "ema_decay": args.ema_decay,
+              "size": args.size, "ema_decay": args.ema_decay, "class_weights": class_weights,
               "recipe": recipe, "finetune_val_auc": best["val_auc"], "probe_val_auc": probe["val_auc"],
               "probe_C": probe["C"], "best_epoch": best["epoch"], "val_auc": chosen_val_auc, "seconds": seconds,
               "test_auc": metrics["auc"]["value"],
@@ -402,6 +408,10 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="fine-tune with a moving average of the weights (TrainConfig.ema_decay); the "
                              "validation checks and the test evaluation use the averaged weights")
+    parser.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                        help="fine-tuning loss: plain cross-entropy, or classes weighted by inverse training "
+                             "frequency (Supervised(class_weights=balanced_class_weights(...))), and the linear "
+                             "probe alike")
     parser.add_argument("--val-checks", type=int, default=6, help="validation AUC checks per run (model selection)")
     parser.add_argument("--ssl-method", default="simclr", choices=["simclr", "moco", "byol", "vicreg"])
     parser.add_argument("--ssl-epochs", type=int, default=10)
@@ -444,7 +454,8 @@ def main() -> None:
             train = [records["train"][i] for i in index]
             scores[(fraction, seed)] = selection_scores(frozen, train, index, fraction, seed, args.out)
             for init in args.inits:
-                probe = linear_probe(frozen[init], index, train_labels[index], val_labels)
+                probe = linear_probe(frozen[init], index, train_labels[index], val_labels,
+                                     class_weight=None if args.class_weight == "none" else args.class_weight)
                 runs.append(finetune(init, train, records["val"], records["test"], fraction, seed, args.out, args,
                                      probe, frozen[init]["test"]))
     table = summarise(runs, scores, args)

@@ -16,6 +16,7 @@ SELECT_KEY = "medtl-select-ranking"
 FINETUNE_KEY = "medtl-finetune-history"
 ADAPT_KEY = "medtl-adaptation-comparison"
 SITES_KEY = "medtl-per-site-metrics"
+LOHO_KEY = "medtl-leave-one-hospital-out"
 
 _DIGITS = 4
 
@@ -126,6 +127,25 @@ def site_rows(site_results: list[dict]) -> list[dict]:
             row.update({name: estimate["value"], f"{name}_ci_low": estimate["ci_low"],
                         f"{name}_ci_high": estimate["ci_high"]})
         rows.append(row)
+    return rows
+
+
+def loho_rows(summary: dict) -> list[dict]:
+    """One row per held-out hospital of leave-one-hospital-out: what the model was trained on, its AUC there.
+
+    Args:
+        summary: ``run_leave_one_hospital_out``'s result (``loho/summary.json``).
+
+    Returns:
+        Table rows, in the summary's hospital order.
+    """
+    rows = []
+    for hospital, entry in summary["held_out"].items():
+        low, high = (list(entry.get("auc_ci") or []) + [None, None])[:2]
+        rows.append({"held_out": hospital, "trained_on": ", ".join(entry.get("train_hospitals", [])),
+                     "train_images": entry.get("train_images"), "test_images": entry.get("test_images"),
+                     "auc": _number(entry.get("auc")), "auc_ci_low": _number(low), "auc_ci_high": _number(high),
+                     "val_auc": _number(entry.get("val_auc"))})
     return rows
 
 

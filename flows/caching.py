@@ -3,7 +3,8 @@
 A stage task's cache key is a hash of
 
 * the task's name, its stage and its own parameters besides ``config`` (an ingest shard's index, a hospital);
-* the config sections the stage reads (JSON), the resolved workdir and the medtl version;
+* the config sections the stage reads (JSON), single fields of other sections it reads (leave-one-hospital-out's
+  bootstrap size), the resolved workdir and the medtl version;
 * the content (SHA-256) of the workspace files the stage reads: the manifest, rankings, weights, cards and
   predictions earlier stages wrote. The raw input folder of ingestion is fingerprinted by each file's path,
   size and modification time instead of its bytes (hashing a hospital's archive twice per run would cost as much
@@ -38,6 +39,7 @@ from medtl.workspace import Workspace
 
 _MANIFEST = "ingest/manifest.parquet"
 _LEDGER = "ingest/ledger.parquet"
+_LOHO_SUMMARY = "loho/summary.json"
 _RESULTS_DIR = ".prefect-results"
 
 
@@ -50,11 +52,14 @@ class StageFiles:
         inputs: workspace paths (files or folders) whose content is in the key.
         outputs: workspace paths that must exist for a cached result to be used; ``{arch}`` is
             ``config.pretrain.arch``.
+        fields: single fields of other sections in the key, as ``"section.field"``: a stage that reads one
+            field of a section must not re-run when the rest of it changes.
     """
 
     sections: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageFiles] = {
@@ -65,11 +70,16 @@ STAGES: dict[str, StageFiles] = {
     "select": StageFiles(("select", "data"), (_MANIFEST, "weights"), ("select/ranking.json",)),
     "finetune": StageFiles(("finetune", "data"), (_MANIFEST, "select/ranking.json", "weights"),
                            ("finetune/model.json", "finetune/model.safetensors", "finetune/predictions.parquet")),
+    # leave-one-hospital-out trains its own models from the chosen backbone, never reads the fine-tuned one; of the
+    # report section it reads only the bootstrap size (a new report title must not cost a fine-tuning per hospital)
+    "loho": StageFiles(("finetune", "data"), (_MANIFEST, "select/ranking.json", "weights"),
+                       ("loho/summary.json", "loho/predictions.parquet"), fields=("report.n_bootstrap",)),
     "adapt": StageFiles(("adapt", "data"), (_MANIFEST, "finetune/model.json", "finetune/model.safetensors", "weights"),
                         ("adapt/summary.json", "adapt/predictions.parquet", "adapt/chosen.safetensors")),
     "evaluate": StageFiles(("report",), ("finetune/predictions.parquet", "finetune/model.json"), ("evaluate",)),
     "report": StageFiles(("*",), (_MANIFEST, _LEDGER, "select/ranking.json", "finetune/model.json",
-                                  "finetune/predictions.parquet", "adapt/summary.json", "adapt/predictions.parquet"),
+                                  "finetune/predictions.parquet", "adapt/summary.json", "adapt/predictions.parquet",
+                                  _LOHO_SUMMARY),  # the report shows leave-one-hospital-out whenever it is there
                          ("report/report.html", "report/report.json")),
 }
 
@@ -133,6 +143,9 @@ def cache_key(stage: str, task_name: str, parameters: dict[str, Any]) -> str | N
         sections = config.model_dump(mode="json", exclude={"orchestration"})
     else:
         sections = {name: getattr(config, name).model_dump(mode="json") for name in spec.sections}
+    for dotted in spec.fields:
+        section, field = dotted.split(".", 1)
+        sections[dotted] = getattr(getattr(config, section), field)
     inputs = {rel: _fingerprint(ws.root / rel) for rel in spec.inputs}
     if stage == "ingest":
         inputs.update(_ingest_inputs(config, ws))

@@ -18,8 +18,8 @@ import time
 from prefect import flow
 
 from flows.runners import shared_cluster
-from flows.stages import (adapt_flow, evaluate_flow, finetune_flow, ingest_flow, pretrain_flow, report_flow,
-                          resolve_config, select_flow, synth_flow)
+from flows.stages import (adapt_flow, evaluate_flow, finetune_flow, ingest_flow, loho_flow, pretrain_flow,
+                          report_flow, resolve_config, select_flow, synth_flow)
 from medtl import tracking
 from medtl.config import ConfigError, PipelineConfig
 
@@ -27,8 +27,8 @@ from medtl.config import ConfigError, PipelineConfig
 @flow(name="medtl-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig | None = None, config_path: str | None = None,
              overrides: dict | None = None) -> dict:
-    """DICOM → ingest → SSL pretraining → backbone selection → fine-tuning → adaptation → per-site evaluation →
-    report.
+    """DICOM → ingest → SSL pretraining → backbone selection → fine-tuning (→ leave-one-hospital-out) →
+    adaptation → per-site evaluation → report.
 
     Args:
         config: a loaded config; or
@@ -50,6 +50,9 @@ def pipeline(config: PipelineConfig | None = None, config_path: str | None = Non
             pretrain_flow(config=config)
         select_flow(config=config)
         finetune_flow(config=config)
+        # opt-in: one extra fine-tuning per labeled hospital, for the report's domain-generalisation baseline
+        if config.report.leave_one_hospital_out:
+            loho_flow(config=config)
         adapt_flow(config=config)
         evaluate_flow(config=config, dask_address=dask_address)
         return report_flow(config=config)

@@ -25,8 +25,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
-from flows.artifacts import (ADAPT_KEY, FINETUNE_KEY, SELECT_KEY, SITES_KEY, adaptation_rows,  # noqa: E402
-                             finetune_description, finetune_rows, publish_table, ranking_rows, site_rows)
+from flows.artifacts import (ADAPT_KEY, FINETUNE_KEY, LOHO_KEY, SELECT_KEY, SITES_KEY,  # noqa: E402
+                             adaptation_rows, finetune_description, finetune_rows, loho_rows, publish_table,
+                             ranking_rows, site_rows)
 from flows.caching import cached  # noqa: E402
 from flows.runners import task_runner  # noqa: E402
 from medtl import stages  # noqa: E402
@@ -122,6 +123,11 @@ def finetune_task(config: PipelineConfig) -> dict:
     return stages.run_finetune(config.finetune, config.data, _ws(config))
 
 
+@task(name="loho")
+def loho_task(config: PipelineConfig) -> dict:
+    return stages.run_leave_one_hospital_out(config.finetune, config.data, _ws(config), config.report.n_bootstrap)
+
+
 @task(name="adapt")
 def adapt_task(config: PipelineConfig) -> dict:
     return stages.run_adapt(config.adapt, config.data, _ws(config))
@@ -209,6 +215,26 @@ def finetune_flow(config: PipelineConfig | None = None, config_path: str | None 
     result = cached(finetune_task, "finetune", config)(config)
     card = json.loads((_ws(config).finetune / "model.json").read_text())  # the result leaves out the history
     publish_table(FINETUNE_KEY, finetune_rows(card), f"medtl fine-tuning: {finetune_description(card)}")
+    return result
+
+
+@flow(name="medtl-loho")
+def loho_flow(config: PipelineConfig | None = None, config_path: str | None = None,
+              overrides: dict | None = None) -> dict:
+    """Leave-one-hospital-out: for each labeled hospital, fine-tune on the others and test on it (the
+    domain-generalisation baseline the report shows); one fine-tuning per labeled hospital. Publishes the
+    held-out AUCs as a table artifact.
+
+    Runs whenever called; the pipeline calls it only with ``report.leave_one_hospital_out``.
+
+    Returns:
+        ``loho/summary.json``'s content: ``{"backbone", "strategy", "held_out": {hospital: {...}}}``.
+    """
+    config = resolve_config(config, config_path, overrides)
+    result = cached(loho_task, "loho", config)(config)
+    publish_table(LOHO_KEY, loho_rows(result),
+                  f"medtl leave-one-hospital-out: {result.get('backbone')} ({result.get('strategy')}) trained on all "
+                  "hospitals but one and tested on the one left out (95 % patient-level bootstrap CIs)")
     return result
 
 

@@ -30,6 +30,8 @@ COMMANDS = {
                  lambda c, ws: stages.run_finetune(c.finetune, c.data, ws)),
     "loho": ("leave-one-hospital-out: multi-source fine-tuning tested on each unseen hospital",
              lambda c, ws: stages.run_leave_one_hospital_out(c.finetune, c.data, ws, c.report.n_bootstrap)),
+    "fewshot": ("N-way K-shot prototypical classification on the chosen backbone's embeddings, per hospital",
+                lambda c, ws: stages.run_fewshot(c.fewshot, c.data, ws)),
     "adapt": ("adapt to the target hospital (source-only / AdaBN / TENT / CORAL / MMD / DANN / OT / pseudo-labels)",
               lambda c, ws: stages.run_adapt(c.adapt, c.data, ws)),
     "report": ("write the per-hospital HTML validation report",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -274,7 +274,8 @@ class AugmentConfig(StrictModel):
     intensity: float = Field(0.1, ge=0, description="random intensity scaling, +/- fraction")
     noise_std: float = Field(0.03, ge=0)
     blur_sigma: tuple[float, float] = Field((0.25, 1.0))
-    prob: float = Field(0.5, ge=0, le=1, description="probability of each photometric augmentation")
+    prob: float = Field(0.5, ge=0, le=1, description="probability of each photometric augmentation; blur gets half "
+                                                     "of it, as blur can erase small findings")
     crop_min_scale: float = Field(0.4, gt=0, le=1, description="SSL views: smallest crop side, fraction of the image")
 
 
@@ -339,16 +340,12 @@ class PretrainConfig(StrictModel):
     knn_k: int = Field(20, ge=1, description="neighbours of the k-NN monitor")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=64, lr=1e-3))
 
-
-class SelectConfig(StrictModel):
-    """Rank candidate backbones on the labeled source data (``medtl select``)."""
-
-    candidates: list[str] = Field(
-        default_factory=lambda: ["efficientnet_lite0.imagenet", "efficientnet_lite0.ssl", "efficientnet_lite0.scratch"],
-        min_length=1)
-    rank_by: Literal["logme", "h_score", "linear_probe_auc", "knn_accuracy", "leep", "nce"] = Field(
-        "logme", description="the transferability score that orders candidates (medtl.select.scores)")
-    cv_folds: int = Field(3, ge=2)
+    @model_validator(mode="after")
+    def _temperature_only_for_contrastive_methods(self) -> "PretrainConfig":
+        if self.method in ("byol", "vicreg") and "temperature" in self.model_fields_set:
+            raise ValueError(f"pretrain.temperature only applies to the contrastive methods simclr and moco; "
+                             f"{self.method} has no softmax temperature: remove temperature or pick simclr / moco")
+        return self
 
 
 FinetuneStrategy = Literal["full", "linear_probe", "freeze", "gradual_unfreeze", "lp_ft", "l2sp", "lora"]
@@ -403,6 +400,10 @@ class FinetuneConfig(StrictModel):
         "warn", description="when the gate finds scratch better: warn (keep the transferred model) or fallback "
                             "(the scratch model becomes the stage's model)")
     num_classes: int = Field(2, ge=2)
+    class_weight: Literal["balanced"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="weight of each class in the training loss: null = every image alike; balanced = inverse "
+                          "class frequency in the source training split (scikit-learn's rule), so the 0.5 operating "
+                          "point does not carry the training prevalence to other sites; or one weight per class")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=1e-3))
 
     @field_validator("freeze_groups")
@@ -445,9 +446,41 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"finetune.strategy 'lp_ft' splits train.epochs={self.train.epochs} into lp_epochs="
                              f"{self.lp_epochs} linear-probe epochs and the rest fine-tuning; make lp_epochs smaller "
                              "than train.epochs")
+        if isinstance(self.class_weight, list) and len(self.class_weight) != self.num_classes:
+            raise ValueError(f"finetune.class_weight has {len(self.class_weight)} weights but num_classes is "
+                             f"{self.num_classes}; give one weight per class, or use class_weight: balanced")
         if self.on_negative_transfer == "fallback" and not self.scratch_baseline:
             raise ValueError("finetune.on_negative_transfer 'fallback' needs the scratch model to fall back to; set "
                              "scratch_baseline: true, or on_negative_transfer: warn")
+        return self
+
+
+class SelectConfig(StrictModel):
+    """Rank candidate backbones on the labeled source data (``medtl select``)."""
+
+    candidates: list[str] = Field(
+        default_factory=lambda: ["efficientnet_lite0.imagenet", "efficientnet_lite0.ssl", "efficientnet_lite0.scratch"],
+        min_length=1)
+    rank_by: Literal["logme", "h_score", "linear_probe_auc", "knn_accuracy", "leep", "nce"] = Field(
+        "logme", description="the transferability score that orders candidates (medtl.select.scores)")
+    cv_folds: int = Field(3, ge=2)
+    validation: FinetuneConfig | None = Field(
+        None, description="validation mode: also fine-tune every candidate with these settings (strategy, budget; "
+                          "leave backbone null) and report, per score, the weighted Kendall tau against the "
+                          "fine-tuned validation AUC, whether its pick is within `tolerance` of the best, and its "
+                          "compute time next to fine-tuning's (select/validation.json). Costs one fine-tuning per "
+                          "candidate. null = off")
+    tolerance: float = Field(0.01, ge=0, description="validation mode: the loss of validation AUC against the best "
+                                                     "fine-tuned candidate still counted as a good pick")
+
+    @model_validator(mode="after")
+    def _validation_fine_tunes_every_candidate(self) -> "SelectConfig":
+        if self.validation is not None and self.validation.backbone is not None:
+            raise ValueError(f"select.validation fine-tunes every candidate, so its backbone must stay null (got "
+                             f"{self.validation.backbone!r}); list backbones in select.candidates instead")
+        if self.validation is not None and self.validation.scratch_baseline:
+            raise ValueError("select.validation.scratch_baseline: the negative-transfer gate belongs to the "
+                             "fine-tune stage; add <arch>.scratch to select.candidates to compare against scratch")
         return self
 
 
@@ -475,7 +508,28 @@ class AdaptConfig(StrictModel):
                             "(agreement with the ensemble of all candidates), dev (deep embedded validation), iwcv, "
                             "snd (soft neighbourhood density) or entropy; all five are computed and reported either "
                             "way")
+    plugin_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="each loss plugin's own settings, by method, e.g. {pseudo_label: "
+        "{threshold: 0.9}, ot: {label_weight: 1.0}, dann: {alpha: 0.5}, mmd: {bandwidths: [0.5, 1, 2]}}; see "
+        "medtl.adapt.plugin_settings. Unset settings keep the plugin's defaults")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=3e-4))
+
+    @model_validator(mode="after")
+    def _plugin_settings_fit_methods(self) -> "AdaptConfig":
+        from medtl.adapt import build_adaptation_loss  # torch: only when a config sets plugin settings
+
+        for method, settings in self.plugin_settings.items():
+            if method not in self.methods:
+                raise ValueError(f"adapt.plugin_settings has settings for {method!r}, which adapt.methods "
+                                 f"{self.methods} does not run; add it to methods, or remove its settings")
+            if method in ("adabn", "tent"):
+                raise ValueError(f"adapt.plugin_settings.{method}: {method} is not a loss plugin and has no "
+                                 "settings; remove them")
+            try:
+                build_adaptation_loss(method, 8, **settings)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"adapt.plugin_settings.{method}: {exc}") from exc
+        return self
 
     @field_validator("reg")
     @classmethod
@@ -488,6 +542,30 @@ class AdaptConfig(StrictModel):
     def reg_values(self) -> list[float]:
         """``reg`` as a list."""
         return list(self.reg) if isinstance(self.reg, list) else [self.reg]
+
+
+class FewshotConfig(StrictModel):
+    """Few-shot classification with prototypes on a backbone's embeddings (``medtl fewshot``)."""
+
+    backbone: str | None = Field(None, description="arch.tag whose embeddings are used; null = the selector's choice")
+    n_way: int = Field(2, ge=2, description="classes per episode")
+    k_shots: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 5, 10], min_length=1,
+        description="labeled (support) examples per class; each K is evaluated on its own episodes")
+    n_query: int = Field(15, ge=1, description="query examples per class and episode")
+    episodes: int = Field(600, ge=2, description="episodes per K and hospital (600 is the usual protocol)")
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    train: TrainConfig | None = Field(
+        None, description="episodic training of the backbone (prototypical loss) on the source hospitals' training "
+                          "split, with K = the largest of k_shots, before evaluation; null = the backbone as it is. "
+                          "train.batch_size is not used: a batch is one episode")
+
+    @field_validator("k_shots")
+    @classmethod
+    def _distinct_sorted(cls, k_shots: list[int]) -> list[int]:
+        if len(set(k_shots)) != len(k_shots):
+            raise ValueError(f"k_shots: {k_shots} lists a K twice; list each once, e.g. [1, 5, 10]")
+        return sorted(k_shots)
 
 
 REPORT_DEFAULT_MARKER = "[medtl default: replace with the site's own text]"
@@ -525,6 +603,11 @@ class ReportConfig(StrictModel):
     shift_images_per_site: int = Field(300, ge=10, description="images per hospital sampled for the shift "
                                                                "diagnostics (seeded)")
     pdf: bool = Field(True, description="also write report.pdf (skipped with a warning when no renderer works)")
+    leave_one_hospital_out: bool = Field(
+        False, description="the pipeline also runs leave-one-hospital-out (medtl loho): for each hospital with "
+                           "labeled images, fine-tune with the finetune section on all the others and test on it; "
+                           "costs one extra fine-tuning per labeled hospital. The results go in the report's "
+                           "leave-one-hospital-out section (it shows any loho/summary.json in the workdir)")
 
 
 class TrackingConfig(StrictModel):
@@ -602,6 +685,7 @@ class PipelineConfig(StrictModel):
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +24,8 @@ import medtl
 from medtl import tracking
 from medtl.adapt import (EntropyMinimisation, build_adaptation_loss, recompute_batchnorm_statistics,
                          tent_parameters)
-from medtl.config import (AdaptConfig, DataConfig, FinetuneConfig, IngestConfig, PipelineConfig, PretrainConfig,
-                          ReportConfig, SelectConfig, SynthConfig, TrainConfig)
+from medtl.config import (AdaptConfig, DataConfig, FewshotConfig, FinetuneConfig, IngestConfig, PipelineConfig,
+                          PretrainConfig, ReportConfig, SelectConfig, SynthConfig, TrainConfig)
 from medtl.data.datasets import PairedLoader, SampleDataset, assign_splits, make_loader, to_records
 from medtl.data.transforms import eval_transform, ssl_views_transform, train_transform, weak_strong_transform
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
@@ -32,10 +33,10 @@ from medtl.finetune import (L2SP, EarlyStopping, GradualUnfreezing, add_lora, ap
                             merge_lora, negative_transfer, optimizer_groups, trainable_parameter_report)
 from medtl.models import Backbone, create_backbone, save_backbone
 from medtl.models.registry import get_backbone_cfg
-from medtl.select import SCORES, BackboneSelector
+from medtl.select import SCORES, BackboneSelector, validate_selection
 from medtl.select.unsupervised import UNSUPERVISED_SCORES, UnsupervisedSelector, per_sample_cross_entropy
 from medtl.ssl import KnnMonitor, build_ssl_objective
-from medtl.train import Objective, Supervised, TaskWithAdaptation, fit
+from medtl.train import Objective, Supervised, TaskWithAdaptation, balanced_class_weights, fit
 from medtl.train.checkpoint import atomic_save_tensors, load_tensors
 from medtl.train.core import run_fingerprint
 from medtl.train.inference import embed_with_source_head, features_and_probabilities, positive_probability
@@ -90,6 +91,13 @@ def _train_loader(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, batc
 def data_hash(rows: pd.DataFrame) -> str:
     """Content hash of the images a stage used (order-independent)."""
     return hashlib.sha256("\n".join(sorted(rows["content_hash"])).encode()).hexdigest()
+
+
+def input_settings(data: DataConfig) -> dict:
+    """What the shared transforms make of an image (size, dimensions, augmentation): part of every training
+    stage's checkpoint fingerprint, so that changing them retrains instead of resuming the old run."""
+    return {"image_size": data.image_size, "spatial_dims": data.spatial_dims,
+            "augment": data.augment.model_dump(mode="json")}
 
 
 def _write_json(path: Path, payload: dict) -> Path:
@@ -212,14 +220,17 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
     digest = data_hash(rows)
     monitor = _knn_monitor(rows, backbone, data, cfg)
     result = fit(backbone, objective, loader, cfg.train, checkpoint_dir=ws.pretrain / "checkpoints",
-                 fingerprint_extra={"init": init, "method": cfg.method, "data": digest},
+                 fingerprint_extra={"init": init, "data": digest, "input": input_settings(data),
+                                    # everything that shapes the objective; the k-NN monitor only watches
+                                    "objective": cfg.model_dump(mode="json", exclude={"train", "knn_every", "knn_k"})},
                  callbacks=[*([monitor] if monitor else []), *tracking.epoch_callbacks()],
                  description=f"pretrain {cfg.method}")
     knn_curve = [{"epoch": h["epoch"], "knn_acc": h["knn_acc"]} for h in result.history if "knn_acc" in h]
     card = {
         "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
         "n_images": len(rows), "hospitals": sorted(rows["hospital"].unique()), "data_sha256": digest,
-        "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "knn_curve": knn_curve,
+        "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "views": input_settings(data),
+        "knn_curve": knn_curve,
         "history": result.history,
         "created_at": datetime.now(timezone.utc).isoformat(), "medtl_version": medtl.__version__,
     }
@@ -244,11 +255,17 @@ def _knn_monitor(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, cfg: 
 
 @tracking.stage("select")
 def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
-    """Score every candidate backbone on the source hospitals' labeled train+val images and rank them."""
+    """Score every candidate backbone on the source hospitals' labeled train+val images and rank them.
+
+    With ``cfg.validation`` set (validation mode), every scored candidate is also fine-tuned with those settings
+    on the source training split, and :func:`medtl.select.validate_selection` compares each score's ranking with
+    the fine-tuned validation AUCs; the comparison goes to ``select/validation.json`` and the returned
+    ``validation`` entry.
+    """
     manifest = load_split_manifest(ws, data)
     rows = manifest[(manifest["role"] == "source") & manifest["split"].isin(["train", "val"])]
     y = rows["label"].astype(int).to_numpy()
-    features, source_probabilities, skipped = {}, {}, {}
+    features, source_probabilities, skipped, feature_seconds = {}, {}, {}, {}
     for name in cfg.candidates:
         try:
             source_classes = get_backbone_cfg(name, ws.weights).pretrained_classes
@@ -257,7 +274,9 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
             log.warning("select: skipping %s: %s", name, exc)
             skipped[name] = str(exc)
             continue
+        start = time.perf_counter()
         features[name], probabilities = embed_with_source_head(backbone, _eval_loader(rows, backbone, data))
+        feature_seconds[name] = time.perf_counter() - start
         if probabilities is not None:
             source_probabilities[name] = probabilities
     selector = BackboneSelector(rank_by=cfg.rank_by, cv_folds=cfg.cv_folds).fit(
@@ -268,8 +287,11 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     seconds = {name: {score: _finite_or_none(row[score]) for score in SCORES}
                for name, row in selector.seconds_.iterrows()}
     payload = {"rank_by": cfg.rank_by, "best": selector.best_, "ranking": ranking, "score_seconds": seconds,
-               "not_scored": selector.nan_reasons_, "skipped": skipped, "n_images": len(rows),
-               "n_positive": int(y.sum())}
+               "feature_seconds": feature_seconds, "not_scored": selector.nan_reasons_, "skipped": skipped,
+               "n_images": len(rows), "n_positive": int(y.sum())}
+    if cfg.validation is not None:
+        payload["validation"] = _validate_selection(cfg, selector, feature_seconds, data, manifest, ws)
+        _write_json(ws.select / "validation.json", payload["validation"])
     _write_json(ws.select / "ranking.json", payload)
     tracking.log_metrics({f"{r['backbone']}.{score}": r[score] for r in ranking for score in SCORES})
     tracking.log_artifacts([ws.select / "ranking.json"], "select")
@@ -277,11 +299,55 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     return payload
 
 
+def _validate_selection(cfg: SelectConfig, selector: BackboneSelector, feature_seconds: dict[str, float],
+                        data: DataConfig, manifest: pd.DataFrame, ws: Workspace) -> dict:
+    """Validation mode: fine-tune every scored candidate with ``cfg.validation`` and compare the scores' rankings
+    with the fine-tuned validation AUCs (:func:`medtl.select.validate_selection`).
+
+    Returns:
+        ``finetuned``: per candidate its validation AUC (``None`` when it has none, with ``reason``), seconds and
+        strategy; ``scores``: one row per score (``weighted_tau``, ``kendall_tau``, ``top_pick``, ``regret``,
+        ``top_pick_within_tolerance``, ``score_seconds``, ``finetune_seconds``, ``speedup``, ...), where
+        score_seconds leaves out ``feature_seconds``, the one forward pass over the images that every score of
+        a candidate shares.
+    """
+    source = manifest[manifest["role"] == "source"]
+    train_rows, val_rows = source[source["split"] == "train"], source[source["split"] == "val"]
+    finetuned, auc, seconds = {}, {}, {}
+    for name in selector.scores_.index:
+        trained = _finetune_one(name, cfg.validation.model_copy(update={"backbone": name}), data, train_rows,
+                                val_rows, ws, role=f"select/{name}", checkpoints=ws.select / "validation" / name)
+        finetuned[name] = {"val_auc": _finite_or_none(trained.val_auc), "seconds": trained.seconds,
+                           "strategy": cfg.validation.strategy}
+        if np.isfinite(trained.val_auc):
+            auc[name], seconds[name] = trained.val_auc, trained.seconds
+        else:
+            finetuned[name]["reason"] = "no validation AUC (the source validation split needs both classes)"
+    if len(auc) < 2:
+        return {"finetuned": finetuned, "scores": [], "tolerance": cfg.tolerance, "feature_seconds": feature_seconds,
+                "note": f"{len(auc)} candidate(s) have a fine-tuned validation AUC; ranking needs two or more"}
+    table = validate_selection(selector.scores_, selector.seconds_, auc, seconds, tolerance=cfg.tolerance)
+    scores = [{"score": score, **{k: _json_value(v) for k, v in row.items()}} for score, row in table.iterrows()]
+    for row in scores:
+        log.info("select validation: %s tau_w=%s picks %s (regret %s)", row["score"], row["weighted_tau"],
+                 row["top_pick"], row["regret"])
+    return {"finetuned": finetuned, "scores": scores, "tolerance": cfg.tolerance, "feature_seconds": feature_seconds,
+            "metric": "validation AUC after fine-tuning on the source training split"}
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return _finite_or_none(float(value))
+    return value
+
+
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None  # JSON has no NaN
 
 
-def _chosen_backbone(cfg: FinetuneConfig, ws: Workspace) -> str:
+def _chosen_backbone(cfg: FinetuneConfig | FewshotConfig, ws: Workspace) -> str:
     if cfg.backbone:
         return cfg.backbone
     ranking = ws.select / "ranking.json"
@@ -320,7 +386,8 @@ def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
         one after a fallback), ``selected_backbone``, ``saved_model``, ``strategy`` and ``strategy_settings``,
         ``trainable_params`` / ``total_params`` (parameters the strategy trained; LoRA: adapters counted, before
         merging), ``best_val_auc`` / ``best_epoch`` of the transferred run, ``val_auc`` of the saved weights,
-        ``early_stopping`` (``None`` when off, else its ``stopped_epoch``), ``negative_transfer``, ``threshold``.
+        ``early_stopping`` (``None`` when off, else its ``stopped_epoch``), ``class_weights`` of the loss (``None``
+        = unweighted), ``negative_transfer``, ``threshold``.
     """
     manifest = load_split_manifest(ws, data)
     name = _chosen_backbone(cfg, ws)
@@ -336,6 +403,7 @@ def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
             "saved_model": (f"{kept.name} trained from scratch (strategy full): negative-transfer fallback"
                             if kept is not transfer else f"{name} fine-tuned with strategy {cfg.strategy}"),
             "strategy": cfg.strategy, "strategy_settings": transfer.settings, "batchnorm": cfg.batchnorm,
+            "class_weights": transfer.class_weights,
             "n_groups": transfer.n_groups, "frozen_groups": transfer.frozen_groups,
             "trainable_params": transfer.params["trainable"], "total_params": transfer.params["total"],
             "trainable_percent": transfer.params["percent"],
@@ -414,6 +482,90 @@ def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Worksp
     return summary
 
 
+def run_fewshot(cfg: FewshotConfig, data: DataConfig, ws: Workspace) -> dict:
+    """N-way K-shot prototypical classification (Snell et al. 2017) on a backbone's embeddings, per hospital.
+
+    The backbone is ``cfg.backbone`` or the selector's choice. With ``cfg.train`` it is first trained
+    episodically (:class:`medtl.fewshot.PrototypicalLoss`, K = the largest of ``cfg.k_shots``) on the source
+    hospitals' training split and saved as ``<arch>.protonet``. Evaluation uses only images that training never
+    saw, each hospital on its own: the source hospitals' test split and the labeled images of every other
+    hospital (the target, external ones).
+    For every hospital and K, :func:`medtl.fewshot.evaluate_episodes` draws ``cfg.episodes`` episodes from that
+    hospital's images alone; a hospital with fewer than K + ``n_query`` images of ``n_way`` classes is listed
+    with the reason instead.
+
+    Args:
+        cfg: the ``fewshot`` section.
+        data: which hospitals are source and target; the transforms.
+        ws: reads the manifest (and ``select/ranking.json`` when ``cfg.backbone`` is unset); writes
+            ``fewshot/summary.json`` and, with ``cfg.train``, ``weights/<arch>.protonet.safetensors``.
+
+    Returns:
+        ``{"backbone", "n_way", "n_query", "metric", "episodic_training", "results"}``; each result has
+        ``hospital``, ``role``, ``k_shot``, ``images``, ``class_counts`` and either ``accuracy``, ``ci_low``,
+        ``ci_high``, ``episodes`` or ``skipped`` (the reason).
+    """
+    from torch.utils.data import DataLoader
+
+    from medtl.fewshot import EpisodeSampler, PrototypicalLoss, evaluate_episodes
+    from medtl.train.inference import embeddings
+
+    manifest = load_split_manifest(ws, data)
+    labeled = manifest[manifest["label"].notna()]
+    name = _chosen_backbone(cfg, ws)
+    backbone = create_backbone(name, num_classes=0, weights_dir=ws.weights)
+    training = None
+    if cfg.train is not None:
+        train_rows = labeled[(labeled["role"] == "source") & (labeled["split"] == "train")]
+        k_train = max(cfg.k_shots)
+        episode = cfg.n_way * (k_train + cfg.n_query)
+        try:
+            sampler = EpisodeSampler(train_rows["label"].astype(int).to_numpy(), cfg.n_way, k_train, cfg.n_query,
+                                     episodes_per_epoch=max(1, len(train_rows) // episode), seed=cfg.train.seed)
+        except ValueError as exc:
+            raise ValueError(f"fewshot.train: episodic training on the source hospitals' training split "
+                             f"({len(train_rows)} images) with K = {k_train}, the largest of fewshot.k_shots: {exc}. "
+                             f"Lower the largest K or n_query, or set fewshot.train: null") from exc
+        t = train_transform(data.spatial_dims, data.image_size, backbone.cfg.mean, backbone.cfg.std, data.augment)
+        loader = DataLoader(_dataset(train_rows, t), batch_sampler=sampler, num_workers=data.num_workers)
+        result = fit(backbone, PrototypicalLoss(cfg.n_way, k_train, cfg.n_query, metric=cfg.metric), loader,
+                     cfg.train, checkpoint_dir=ws.fewshot / "checkpoints",
+                     fingerprint_extra={"backbone": name, "k_shot": k_train, "n_way": cfg.n_way,
+                                        "n_query": cfg.n_query, "metric": cfg.metric, "data": data_hash(train_rows),
+                                        "input": input_settings(data)},
+                     callbacks=tracking.epoch_callbacks("fewshot/"), description="fewshot episodic training")
+        card = {"method": "prototypical episodic training", "init": name, "k_shot": k_train, "n_way": cfg.n_way,
+                "n_query": cfg.n_query, "metric": cfg.metric, "data_sha256": data_hash(train_rows),
+                "history": result.history, "created_at": datetime.now(timezone.utc).isoformat(),
+                "medtl_version": medtl.__version__}
+        saved = save_backbone(backbone, ws.weights / f"{backbone.cfg.arch}.protonet", card)
+        training = {"k_shot": k_train, "episodes_per_epoch": len(sampler), "epochs": len(result.history),
+                    "history": result.history, "seconds": result.seconds, "weights": str(saved)}
+    # every labeled image but the source hospitals' training and validation splits: nothing training saw
+    unseen = labeled[(labeled["role"] != "source") | (labeled["split"] == "test")]
+    results = []
+    for (hospital, role), rows in unseen.groupby(["hospital", "role"], sort=True):
+        labels = rows["label"].astype(int).to_numpy()
+        counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}  # JSON keys
+        features = embeddings(backbone, _eval_loader(rows, backbone, data))
+        for k in cfg.k_shots:
+            row = {"hospital": hospital, "role": role, "k_shot": k, "images": len(rows), "class_counts": counts}
+            enough = sum(n >= k + cfg.n_query for n in counts.values())
+            if enough < cfg.n_way:
+                row["skipped"] = (f"{enough} class(es) have the {k + cfg.n_query} images (K={k} + n_query="
+                                  f"{cfg.n_query}) a {cfg.n_way}-way episode needs; lower n_query or K")
+            else:
+                row.update(evaluate_episodes(features, labels, cfg.n_way, k, cfg.n_query, episodes=cfg.episodes,
+                                             seed=cfg.train.seed if cfg.train else 0, metric=cfg.metric))
+            results.append(row)
+            log.info("fewshot: %s K=%d %s", hospital, k, row.get("skipped") or f"accuracy {row['accuracy']:.3f}")
+    summary = {"backbone": name, "n_way": cfg.n_way, "n_query": cfg.n_query, "metric": cfg.metric,
+               "episodic_training": training, "evaluated_on": "the source hospitals' test split and every other "
+               "hospital's labeled images, each hospital on its own", "results": results}
+    _write_json(ws.fewshot / "summary.json", summary)
+    return summary
+
+
 @dataclass
 class _Recipe:
     """What one fine-tuning strategy puts into the call to :func:`fit`.
@@ -434,47 +586,47 @@ class _Recipe:
     settings: dict
 
 
-def _recipe_layer_groups(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+def _recipe_layer_groups(model: Backbone, cfg: FinetuneConfig, task: Supervised) -> _Recipe:
     """``full`` / ``freeze`` / ``linear_probe``: the first none / ``freeze_groups`` / all-but-the-classifier
     groups frozen, the rest at layer-wise decayed rates."""
     freeze = {"full": 0, "freeze": cfg.freeze_groups, "linear_probe": "all"}[cfg.strategy]
     groups, _ = optimizer_groups(model, cfg.train.lr, freeze=freeze, layer_decay=cfg.layer_decay)
-    return _Recipe(Supervised(), cfg.train, groups, [], {"freeze_groups": freeze, "layer_decay": cfg.layer_decay})
+    return _Recipe(task, cfg.train, groups, [], {"freeze_groups": freeze, "layer_decay": cfg.layer_decay})
 
 
-def _recipe_gradual(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+def _recipe_gradual(model: Backbone, cfg: FinetuneConfig, task: Supervised) -> _Recipe:
     """``gradual_unfreeze``: the classifier first, one more group every ``unfreeze_every`` epochs."""
     # Every group goes into the optimizer now (frozen ones get no gradient), so unfreezing needs no new optimizer
     # and a checkpoint resumes with the same optimizer layout.
     groups, _ = optimizer_groups(model, cfg.train.lr, freeze="all", layer_decay=cfg.layer_decay, include_frozen=True)
-    return _Recipe(Supervised(), cfg.train, groups, [GradualUnfreezing(cfg.unfreeze_every)],
+    return _Recipe(task, cfg.train, groups, [GradualUnfreezing(cfg.unfreeze_every)],
                    {"unfreeze_every": cfg.unfreeze_every, "layer_decay": cfg.layer_decay})
 
 
-def _recipe_lp_ft(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+def _recipe_lp_ft(model: Backbone, cfg: FinetuneConfig, task: Supervised) -> _Recipe:
     """``lp_ft``: a linear probe for ``lp_epochs``, then every group for the rest of ``train.epochs``."""
-    return _Recipe(Supervised(), cfg.train, None, [],
+    return _Recipe(task, cfg.train, None, [],
                    {"lp_epochs": cfg.lp_epochs, "finetune_epochs": cfg.train.epochs - cfg.lp_epochs,
                     "layer_decay": cfg.layer_decay})
 
 
-def _recipe_l2sp(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+def _recipe_l2sp(model: Backbone, cfg: FinetuneConfig, task: Supervised) -> _Recipe:
     """``l2sp``: every group trains, pulled towards the pretrained weights (read from ``model`` now)."""
     groups, _ = optimizer_groups(model, cfg.train.lr, freeze=0, layer_decay=cfg.layer_decay)
     # L2-SP's pull towards w0 replaces weight decay's pull towards 0 (Li et al. 2018): decay off.
-    return _Recipe(L2SP(Supervised(), model, alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta),
+    return _Recipe(L2SP(task, model, alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta),
                    cfg.train.model_copy(update={"weight_decay": 0.0}), groups, [],
                    {"l2sp_alpha": cfg.l2sp_alpha, "l2sp_beta": cfg.l2sp_beta, "weight_decay": 0.0,
                     "layer_decay": cfg.layer_decay})
 
 
-def _recipe_lora(model: Backbone, cfg: FinetuneConfig) -> _Recipe:
+def _recipe_lora(model: Backbone, cfg: FinetuneConfig, task: Supervised) -> _Recipe:
     """``lora``: low-rank adapters on every dense convolution / linear layer, plus the whole classifier."""
     wrapped = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     # add_lora froze the rest; optimizer_groups keeps the trainable parameters (adapters, classifier), each in
     # its layer group at its decayed rate.
     groups, _ = optimizer_groups(model, cfg.train.lr, freeze=0, layer_decay=cfg.layer_decay)
-    return _Recipe(Supervised(), cfg.train, groups, [],
+    return _Recipe(task, cfg.train, groups, [],
                    {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "adapted_layers": len(wrapped),
                     "layer_decay": cfg.layer_decay})
 
@@ -545,10 +697,11 @@ class _Trained:
     frozen_groups: int
     params: dict
     early_stopping: dict | None
+    class_weights: list[float] | None
 
 
 def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: pd.DataFrame,
-                  val_rows: pd.DataFrame, ws: Workspace, role: str) -> _Trained:
+                  val_rows: pd.DataFrame, ws: Workspace, role: str, checkpoints: Path | None = None) -> _Trained:
     """Train backbone ``name`` with ``cfg.strategy`` through :func:`fit` and score it on validation.
 
     Args:
@@ -557,7 +710,8 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
         data: transforms.
         train_rows, val_rows: the source training and validation splits.
         ws: weights folder; checkpoints go to ``finetune/checkpoints/<role>``.
-        role: ``transfer`` or ``scratch`` (checkpoint folder and progress label).
+        role: ``transfer``, ``scratch`` or ``select/<name>`` (progress and tracking label).
+        checkpoints: the run's checkpoint folder; default ``finetune/checkpoints/<role>``.
 
     Returns:
         The trained model (early stopping's best epoch restored; LoRA merged into a plain backbone), its
@@ -566,7 +720,8 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
     """
     model = create_backbone(name, num_classes=cfg.num_classes, weights_dir=ws.weights)
     _apply_batchnorm(model, cfg.batchnorm, train_rows, data)
-    recipe = _RECIPES[cfg.strategy](model, cfg)
+    class_weights = _class_weights(cfg, train_rows)
+    recipe = _RECIPES[cfg.strategy](model, cfg, Supervised(class_weights=class_weights))
     val_loader = _eval_loader(val_rows, model, data)
     y_val = val_rows["label"].astype(int).to_numpy()
 
@@ -582,8 +737,9 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
                  *tracking.epoch_callbacks("" if role == "transfer" else f"{role}/")]
     loader = _train_loader(train_rows, model, data, cfg.train.batch_size)
     extra = {"backbone": name, "strategy": cfg.strategy, "settings": recipe.settings, "batchnorm": cfg.batchnorm,
-             "early_stopping_patience": cfg.early_stopping_patience, "data": data_hash(train_rows)}
-    checkpoints = ws.finetune / "checkpoints" / role
+             "early_stopping_patience": cfg.early_stopping_patience, "data": data_hash(train_rows),
+             "input": input_settings(data), **({"class_weights": class_weights} if class_weights is not None else {})}
+    checkpoints = checkpoints or ws.finetune / "checkpoints" / role
     if cfg.strategy == "lp_ft":
         probe, tuned = lp_ft(model, recipe.objective, loader,
                              recipe.train.model_copy(update={"epochs": cfg.lp_epochs}),
@@ -609,7 +765,14 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
                       {"monitor": "val_auc", "patience": cfg.early_stopping_patience, **stops})
     return _Trained(name=name, model=model, history=history, seconds=seconds, val_prob=val_prob, val_auc=val_auc,
                     settings=recipe.settings, n_groups=n_groups, frozen_groups=frozen_groups, params=params,
-                    early_stopping=early_stopping)
+                    early_stopping=early_stopping, class_weights=class_weights)
+
+
+def _class_weights(cfg: FinetuneConfig, train_rows: pd.DataFrame) -> list[float] | None:
+    """``cfg.class_weight`` as one loss weight per class; ``balanced`` reads the source training labels."""
+    if cfg.class_weight == "balanced":
+        return balanced_class_weights(train_rows["label"].astype(int).to_numpy(), cfg.num_classes)
+    return cfg.class_weight
 
 
 def _trained_parameters(model: Backbone, history: list[dict], strategy: str) -> tuple[dict, int, int]:
@@ -661,7 +824,8 @@ def _negative_transfer_gate(cfg: FinetuneConfig, data: DataConfig, transfer: _Tr
         return gate, None
     scratch_name = f"{transfer.model.cfg.arch}.scratch"
     baseline_cfg = FinetuneConfig(backbone=scratch_name, strategy="full", num_classes=cfg.num_classes,
-                                  train=cfg.train, early_stopping_patience=cfg.early_stopping_patience)
+                                  class_weight=cfg.class_weight, train=cfg.train,
+                                  early_stopping_patience=cfg.early_stopping_patience)
     scratch = _finetune_one(scratch_name, baseline_cfg, data, train_rows, val_rows, ws, role="scratch")
     gate.update(scratch_backbone=scratch_name, scratch_val_auc=_finite_or_none(scratch.val_auc))
     _write_json(baseline_file, {"backbone": scratch_name, "strategy": "full", "val_auc": gate["scratch_val_auc"],
@@ -1048,6 +1212,13 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         target, manifest[(manifest["role"] == "source") & (manifest["split"] == "val")],
         manifest[(manifest["role"] == "target") & manifest["label"].notna()], base, data, device=cfg.train.device)
     predictions, summary, candidates, not_evaluated = [], {}, [], []
+    from medtl.ingest.folder import file_sha256
+
+    # The fine-tuned weights themselves (not their name), the images and the transforms: a re-run after any of
+    # them changed retrains instead of resuming checkpoints adapted from another model.
+    trained_on = {"base": file_sha256(ws.finetune / "model.safetensors"), "source": data_hash(source),
+                  "target": data_hash(target), "input": input_settings(data)}
+    task = Supervised(class_weights=card.get("class_weights"))  # the task the model was fine-tuned on
     runs = adaptation_runs(cfg)
     for run, method, reg in runs:
         model = copy.deepcopy(base)
@@ -1063,7 +1234,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             t = eval_transform(data.spatial_dims, data.image_size, model.cfg.mean, model.cfg.std)
             loader = make_loader(_dataset(target, t), cfg.train.batch_size, shuffle=True,
                                  num_workers=data.num_workers, drop_last=len(target) > cfg.train.batch_size)
-            extra = {"method": method, "base": card["backbone"]}
+            extra = {"method": method, **trained_on}
             recorder = _CandidateRecorder(method, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, EntropyMinimisation(), loader, cfg.train, param_groups=[{"params": params}],
                          checkpoint_dir=ws.adapt / "checkpoints" / method,
@@ -1074,7 +1245,8 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             candidates += recorder.collect(len(result.history), model, base)
             not_evaluated += recorder.missing
         else:
-            plugin = build_adaptation_loss(method, model.num_features)
+            settings = cfg.plugin_settings.get(method, {})
+            plugin = build_adaptation_loss(method, model.num_features, **settings)
             if plugin.uses_strong_view:
                 t = weak_strong_transform(data.spatial_dims, data.image_size, model.cfg.mean, model.cfg.std,
                                           data.augment)
@@ -1083,13 +1255,14 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
             else:
                 target_loader = _train_loader(target, model, data, cfg.train.batch_size)
             loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size), target_loader)
-            extra = {"method": method, "base": card["backbone"], "reg": reg}
+            extra = {"method": method, "reg": reg, "settings": settings, **trained_on,
+                     **({"class_weights": task.class_weights.tolist()} if task.class_weights is not None else {})}
             recorder = _CandidateRecorder(run, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
-            result = fit(model, TaskWithAdaptation(plugin, reg=reg or 0.0), loader, cfg.train,
+            result = fit(model, TaskWithAdaptation(plugin, reg=reg or 0.0, task=task), loader, cfg.train,
                          checkpoint_dir=ws.adapt / "checkpoints" / run,
                          callbacks=[recorder, *tracking.epoch_callbacks(f"{run}/")],
                          fingerprint_extra=extra, description=f"adapt {run}")
-            summary[run] = {"history": result.history, "seconds": result.seconds, "reg": reg}
+            summary[run] = {"history": result.history, "seconds": result.seconds, "reg": reg, "settings": settings}
             candidates += recorder.collect(len(result.history), model, base)
             not_evaluated += recorder.missing
         atomic_save_tensors(model.state_dict(), ws.adapt / f"{run}.safetensors", {"method": run})
@@ -1159,7 +1332,9 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
 
     The context comes from the manifest (cohort, content hashes, image statistics for the shift diagnostics,
     failure-example arrays), the ingest ledger, the select ranking, the fine-tune card (with its
-    negative-transfer block), the adapt summary and ``config.report`` (intended use, site limitations).
+    negative-transfer block), the adapt summary and ``config.report`` (intended use, site limitations). When
+    ``loho/summary.json`` exists (the pipeline with ``report.leave_one_hospital_out``, or ``medtl loho``), the
+    report also has its leave-one-hospital-out section.
     """
     from medtl.evaluate.report import build_report
 
@@ -1196,6 +1371,9 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
         "limitations": [*_limitations(config, manifest), *config.report.limitations],
         "provenance": _report_provenance(config, ws, manifest),
     }
+    loho = ws.loho / "summary.json"
+    if loho.exists():  # whoever wrote it (the flow or `medtl loho`), a reviewer should see it
+        context["leave_one_hospital_out"] = json.loads(loho.read_text())
     result = build_report(predictions, context, config.report, ws.report)
     log.info("report: %s%s", result.html_path, f" and {result.pdf_path}" if result.pdf_path else "")
     tracking.log_artifacts([result.html_path, result.json_path, *([result.pdf_path] if result.pdf_path else [])],
@@ -1435,5 +1613,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
             run_pretrain(config.pretrain, config.data, ws)
         run_select(config.select, config.data, ws)
         run_finetune(config.finetune, config.data, ws)
+        if config.report.leave_one_hospital_out:
+            run_leave_one_hospital_out(config.finetune, config.data, ws, config.report.n_bootstrap)
         run_adapt(config.adapt, config.data, ws)
         return run_report(config, ws)

@@ -61,6 +61,11 @@ class Workspace:
         return self.root / "loho"
 
     @property
+    def fewshot(self) -> Path:
+        """Few-shot (prototypical) evaluation of a backbone's embeddings."""
+        return self.root / "fewshot"
+
+    @property
     def adapt(self) -> Path:
         return self.root / "adapt"
 

@@ -51,6 +51,17 @@ def test_zero_plugin_is_exactly_source_only():
     torch.testing.assert_close(a.stem[1].running_mean, b.stem[1].running_mean)
 
 
+def test_the_task_loss_under_adaptation_is_the_fine_tuning_objective_with_its_class_weights():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    xs, ys = torch.randn(6, 1, 12, 12), torch.tensor([0, 1, 1, 1, 1, 1])
+    batch = {"source": {"image": xs, "label": ys}, "target": {"image": torch.randn(6, 1, 12, 12), "label": -ys}}
+    weighted = Supervised(class_weights=[2.5, 0.5])
+    loss, logs = TaskWithAdaptation(NoAdaptation(), task=weighted)(model, batch)
+    assert loss.item() == pytest.approx(weighted(model, {"image": xs, "label": ys})[0].item())
+    assert logs["task"] != pytest.approx(TaskWithAdaptation(NoAdaptation())(model, batch)[1]["task"])
+
+
 def test_task_with_coral_adds_weighted_adaptation_term():
     torch.manual_seed(0)
     model = TinyNet().eval()

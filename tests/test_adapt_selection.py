@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medtl import stages
 from medtl.config import AdaptConfig, PipelineConfig, load_config
@@ -45,6 +45,14 @@ def adapted(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConfig, W
         stages.run_finetune(config.finetune, config.data, ws)
         result = stages.run_adapt(config.adapt, config.data, ws)
     return config, ws, result
+
+
+def _copy(ws: Workspace, root: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    """A copy of the module's adapted workspace at ``root``, for a test that re-runs a stage in it."""
+    copy = Workspace(root)
+    shutil.copytree(ws.root, copy.root, ignore=shutil.ignore_patterns("dicom"))
+    monkeypatch.setenv("MEDTL_CACHE", str(root.parent / "cache"))
+    return copy
 
 
 def read(ws: Workspace, name: str) -> dict:
@@ -136,8 +144,7 @@ def test_the_picks_never_read_target_labels(adapted, tmp_path, monkeypatch) -> N
     scores and picks stay exactly the same (they do not)."""
     config, ws, _ = adapted
     before = read(ws, "selection.json")
-    copy = Workspace(tmp_path / "flipped")
-    shutil.copytree(ws.root, copy.root, ignore=shutil.ignore_patterns("dicom"))
+    copy = _copy(ws, tmp_path / "flipped", monkeypatch)
     split_manifest = stages.load_split_manifest
 
     def flipped_target_labels(w: Workspace, data) -> pd.DataFrame:
@@ -200,9 +207,7 @@ def test_a_list_of_reg_values_trains_each_loss_plugin_once_per_value(adapted, tm
     """Several adaptation-loss weights widen the candidate pool (Hu et al. 2024 select over each method's
     hyper-parameters too): every loss plugin trains once per value under its own name, the other methods once."""
     config, ws, _ = adapted
-    copy = Workspace(tmp_path / "regs")
-    shutil.copytree(ws.root, copy.root, ignore=shutil.ignore_patterns("dicom"))
-    monkeypatch.setenv("MEDTL_CACHE", str(tmp_path / "cache"))
+    copy = _copy(ws, tmp_path / "regs", monkeypatch)
     cfg = config.adapt.model_copy(update={"methods": ["source_only", "tent", "coral"], "reg": [0.5, 2.0]})
     assert [r for r, _, _ in stages.adaptation_runs(cfg)] == ["source_only", "tent", "coral-reg0.5", "coral-reg2"]
 
@@ -233,3 +238,66 @@ def test_reg_values_are_checked(reg, message) -> None:
     with pytest.raises(ValidationError, match=message):
         AdaptConfig(reg=reg)
     assert AdaptConfig(reg=0.3).reg_values == [0.3] and AdaptConfig(reg=[0.3, 1]).reg_values == [0.3, 1.0]
+
+
+def test_adaptation_resumes_only_runs_adapted_from_the_same_fine_tuned_weights(adapted, tmp_path, monkeypatch) -> None:
+    """Fine-tuning again (another strategy, other data) keeps the backbone's name but changes its weights: the
+    adaptation runs must start from the new weights, not resume checkpoints adapted from the old ones."""
+    config, ws, _ = adapted
+    copy = _copy(ws, tmp_path / "rerun", monkeypatch)
+    cfg = config.adapt.model_copy(update={"methods": ["coral"]})
+    adapted_before = load_file(str(ws.adapt / "coral.safetensors"))
+
+    stages.run_adapt(cfg, config.data, copy)  # same fine-tuned weights: the finished run is taken as it is
+    same = load_file(str(copy.adapt / "coral.safetensors"))
+    assert all(torch.equal(same[k], adapted_before[k]) for k in same)
+
+    tuned = load_file(str(copy.finetune / "model.safetensors"))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tuned.items()},
+              str(copy.finetune / "model.safetensors"))
+    stages.run_adapt(cfg, config.data, copy)
+    again = load_file(str(copy.adapt / "coral.safetensors"))
+    assert any(not torch.equal(again[k], adapted_before[k]) for k in again if again[k].is_floating_point())
+
+
+def test_adaptation_trains_with_the_class_weights_the_model_was_fine_tuned_with(adapted, tmp_path, monkeypatch) -> None:
+    config, ws, _ = adapted
+    copy = _copy(ws, tmp_path / "weighted", monkeypatch)
+    card_path = copy.finetune / "model.json"
+    card = json.loads(card_path.read_text())
+    assert card["class_weights"] is None  # this module's fine-tuning was unweighted: weigh it as if it were not
+    card_path.write_text(json.dumps({**card, "class_weights": [2.0, 0.5]}))
+    seen = []
+    real_fit = stages.fit
+
+    def recording_fit(model, objective, *args, **kwargs):
+        seen.append(objective.task.class_weights)
+        return real_fit(model, objective, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "fit", recording_fit)
+    stages.run_adapt(config.adapt.model_copy(update={"methods": ["coral"]}), config.data, copy)
+    assert [w.tolist() for w in seen] == [[2.0, 0.5]]
+    weighted, plain = (load_file(str(w.adapt / "coral.safetensors")) for w in (copy, ws))
+    assert any(not torch.equal(weighted[k], plain[k]) for k in weighted if weighted[k].is_floating_point())
+
+
+def test_plugin_settings_reach_the_plugin_and_the_summary(adapted, tmp_path, monkeypatch) -> None:
+    config, ws, _ = adapted
+    copy = _copy(ws, tmp_path / "settings", monkeypatch)
+    built = []
+    real = stages.build_adaptation_loss
+    monkeypatch.setattr(stages, "build_adaptation_loss", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = config.adapt.model_copy(update={"methods": ["dann"], "plugin_settings": {"dann": {"alpha": 0.5}}})
+    stages.run_adapt(cfg, config.data, copy)
+    assert [type(p).__name__ for p in built] == ["DANNLoss"] and built[0].alpha == 0.5
+    assert read(copy, "summary.json")["details"]["dann"]["settings"] == {"alpha": 0.5}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"coral": {"x": 1}}, "adaptation loss 'coral' has no setting 'x'; its settings are none"),
+    ({"pseudo_label": {"threshold": 2}}, "plugin_settings.pseudo_label: threshold is a softmax probability"),
+    ({"mmd": {"bandwidths": [1.0]}}, "does not run; add it to methods"),
+    ({"tent": {"lr": 1}}, "tent is not a loss plugin")])
+def test_plugin_settings_are_checked(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaptConfig(methods=["source_only", "tent", "coral", "pseudo_label"], plugin_settings=settings)

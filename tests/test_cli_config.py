@@ -35,6 +35,18 @@ def test_target_cannot_be_a_source(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("pretrain:\n  method: byol\n  temperature: 0.1\n", "byol has no softmax temperature"),
+    ("pretrain:\n  method: vicreg\n  temperature: 0.1\n", "vicreg has no softmax temperature")])
+def test_settings_a_method_ignores_are_refused(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(bad)
+    bad.write_text(text.replace("byol", "moco").replace("vicreg", "simclr"))
+    assert load_config(bad).pretrain.temperature == 0.1
+
+
 def test_cli_bad_config_exits_2(tmp_path, capsys):
     assert main(["synth", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

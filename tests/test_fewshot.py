@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,15 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medtl.config import TrainConfig
+from medtl import stages
+from medtl.config import DataConfig, FewshotConfig, TrainConfig
 from medtl.data.datasets import SampleDataset
 from medtl.data.transforms import eval_transform
 from medtl.fewshot import (EpisodeSampler, PrototypicalClassifier, PrototypicalLoss, evaluate_episodes,
                            prototype_logits, prototypes)
 from medtl.train import fit
 from medtl.train.inference import embeddings
-from tests.conftest import TinyNet
+from tests.conftest import TINY_SOURCE, TINY_TARGET, TinyNet, ingest_two_hospital_cohort, run_folder_sharing_ingest
 
 
 def _clusters(rng: np.random.Generator, per_class: int, centers: np.ndarray, noise: float) -> tuple:
@@ -306,3 +308,52 @@ def test_fit_reseeds_the_episode_sampler_every_epoch():
     first = [list(b) for b in loader]
     _set_epoch(loader, 3)
     assert sampler.epoch == 3 and [list(b) for b in loader] != first
+
+
+# ---------------------------------------------------------------- the fewshot stage
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    yield from ingest_two_hospital_cohort(tmp_path_factory)
+
+
+def test_fewshot_stage_evaluates_each_hospital_on_images_training_never_saw(cohort, tmp_path):
+    ws = run_folder_sharing_ingest(cohort, tmp_path / "run")
+    data = DataConfig(source_hospitals=[TINY_SOURCE], target_hospital=TINY_TARGET, image_size=16)
+    cfg = FewshotConfig(backbone="efficientnet_lite0.imagenet", k_shots=[2, 1, 12], n_query=3, episodes=20)
+    summary = stages.run_fewshot(cfg, data, ws)
+    assert json.loads((ws.fewshot / "summary.json").read_text()) == summary
+    manifest = stages.load_split_manifest(ws, data)
+    labeled = manifest[manifest["label"].notna()]
+    unseen = {(TINY_SOURCE, "source"): labeled[(labeled["hospital"] == TINY_SOURCE) & (labeled["split"] == "test")],
+              (TINY_TARGET, "target"): labeled[labeled["hospital"] == TINY_TARGET]}
+    assert [(r["hospital"], r["role"], r["k_shot"]) for r in summary["results"]] == [
+        (h, role, k) for h, role in sorted(unseen) for k in (1, 2, 12)]
+    for r in summary["results"]:
+        rows = unseen[(r["hospital"], r["role"])]
+        assert r["images"] == len(rows) and sum(r["class_counts"].values()) == len(rows)
+        if min(r["class_counts"].values()) >= r["k_shot"] + 3:
+            assert 0 <= r["accuracy"] <= 1 and r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["episodes"] == 20
+        else:
+            assert "accuracy" not in r and "lower n_query or K" in r["skipped"]
+    assert any("accuracy" in r for r in summary["results"]) and any("skipped" in r for r in summary["results"])
+    assert summary["episodic_training"] is None
+
+    episodic = TrainConfig(epochs=1, lr=1e-3, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="with K = 12, the largest of fewshot.k_shots: every class needs"):
+        stages.run_fewshot(cfg.model_copy(update={"train": episodic}), data, ws)  # 18 training images
+    trained = stages.run_fewshot(cfg.model_copy(update={"train": episodic, "k_shots": [1, 2]}), data, ws)
+    training = trained["episodic_training"]
+    assert training["k_shot"] == 2 and training["epochs"] == len(training["history"]) == 1
+    saved = ws.weights / "efficientnet_lite0.protonet.safetensors"
+    assert saved.exists() and training["weights"] == str(saved)
+    before = {(r["hospital"], r["k_shot"]): r.get("accuracy") for r in summary["results"]}
+    after = {(r["hospital"], r["k_shot"]): r.get("accuracy") for r in trained["results"]}
+    assert after.keys() <= before.keys() and after != {key: before[key] for key in after}  # other embeddings
+
+
+def test_fewshot_config_sorts_k_and_refuses_a_k_twice():
+    assert FewshotConfig(k_shots=[10, 1, 5]).k_shots == [1, 5, 10]
+    with pytest.raises(ValueError, match="lists a K twice"):
+        FewshotConfig(k_shots=[5, 5])

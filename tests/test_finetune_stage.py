@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medtl import stages
-from medtl.config import ConfigError, DataConfig, FinetuneConfig, TrainConfig, load_config
+from medtl.config import ConfigError, DataConfig, FinetuneConfig, SelectConfig, TrainConfig, load_config
 from medtl.finetune import apply_batchnorm_policy
 from medtl.models import create_backbone
 from medtl.train.inference import positive_probability
@@ -184,6 +184,48 @@ def test_negative_transfer_gate(on_negative_transfer, cohort, tmp_path, monkeypa
     assert torch.equal(model.state_dict()[stem], imagenet) != fallback
 
 
+def test_balanced_class_weights_come_from_the_source_training_labels_and_reach_the_card(cohort, tmp_path):
+    ws = _workspace(cohort, tmp_path)
+    stages.run_finetune(_config(1, class_weight="balanced"), DATA, ws)
+    _, card = _check_saved_model(ws)
+    manifest = stages.load_split_manifest(ws, DATA)
+    labels = manifest[(manifest["role"] == "source") & (manifest["split"] == "train")]["label"].astype(int)
+    counts = labels.value_counts()
+    assert card["class_weights"] == pytest.approx([len(labels) / (2 * counts[c]) for c in (0, 1)])
+    plain = run_folder_sharing_ingest(cohort, tmp_path / "plain")
+    stages.run_finetune(_config(1), DATA, plain)
+    _, plain_card = _check_saved_model(plain)
+    assert plain_card["class_weights"] is None
+    # the loss differs, so the weighted run's first epoch must too (and no checkpoint of one resumes the other)
+    assert card["history"][0]["loss"] != plain_card["history"][0]["loss"]
+
+
+def test_selection_validation_mode_fine_tunes_every_candidate_and_scores_each_ranking(cohort, tmp_path):
+    ws = _workspace(cohort, tmp_path)
+    candidates = [BACKBONE, "efficientnet_lite0.scratch"]
+    validation = FinetuneConfig(strategy="linear_probe", train=_config().train)
+    result = stages.run_select(SelectConfig(candidates=candidates, validation=validation), DATA, ws)
+    report = json.loads((ws.select / "validation.json").read_text())
+    assert result["validation"] == report and json.loads((ws.select / "ranking.json").read_text()) == result
+    assert sorted(report["finetuned"]) == sorted(candidates)
+    aucs = {name: run["val_auc"] for name, run in report["finetuned"].items()}
+    assert all(0 <= auc <= 1 for auc in aucs.values()) and len(set(aucs.values())) == 2
+    assert all(run["seconds"] > 0 and run["strategy"] == "linear_probe" for run in report["finetuned"].values())
+    rows = {row["score"]: row for row in report["scores"]}
+    assert {"logme", "h_score", "linear_probe_auc", "knn_accuracy"} <= rows.keys()
+    logme = rows["logme"]
+    assert logme["top_pick"] == result["best"]  # rank_by logme: the stage's choice is LogME's pick
+    assert logme["n_candidates"] == 2 and logme["weighted_tau"] in (-1.0, 1.0)
+    assert logme["regret"] == pytest.approx(max(aucs.values()) - aucs[logme["top_pick"]])
+    assert logme["top_pick_within_tolerance"] == (logme["regret"] <= 0.01 + 1e-9)
+    assert logme["finetune_seconds"] == pytest.approx(sum(r["seconds"] for r in report["finetuned"].values()))
+    assert rows["leep"]["n_candidates"] == 1  # only the ImageNet candidate has a source head
+    assert set(report["feature_seconds"]) == set(candidates)
+    # the validation runs keep their checkpoints apart from the fine-tune stage's
+    assert all((ws.select / "validation" / name).is_dir() for name in candidates)
+    assert not (ws.finetune / "checkpoints").exists()
+
+
 def test_strategy_config_keeps_old_configs_and_explains_mistakes(tmp_path):
     assert FinetuneConfig(freeze_groups=2).strategy == "freeze"  # configs from before `strategy` existed
     assert FinetuneConfig(freeze_groups="all").strategy == "linear_probe"
@@ -192,10 +234,15 @@ def test_strategy_config_keeps_old_configs_and_explains_mistakes(tmp_path):
            "strategy: lora\n  lp_epochs: 3": "lp_epochs=3 only applies to strategy 'lp_ft'",
            "strategy: linear_probe\n  layer_decay: 0.5": "layer_decay has no effect",
            "strategy: lp_ft\n  lp_epochs: 8": "make lp_epochs smaller than train.epochs",
-           "on_negative_transfer: fallback": "set scratch_baseline: true"}
-    for text, message in bad.items():
+           "on_negative_transfer: fallback": "set scratch_baseline: true",
+           "class_weight: [1.0, 2.0, 3.0]": "give one weight per class"}
+    bad_select = {"validation: {backbone: efficientnet_lite0.imagenet}": "its backbone must stay null",
+                  "validation: {scratch_baseline: true}": "add <arch>.scratch to select.candidates"}
+    cases = [("finetune", text, message) for text, message in bad.items()]
+    cases += [("select", text, message) for text, message in bad_select.items()]
+    for section, text, message in cases:
         path = tmp_path / "bad.yaml"
-        path.write_text(f"finetune:\n  {text}\n")
+        path.write_text(f"{section}:\n  {text}\n")
         with pytest.raises(ConfigError, match=message):
             load_config(path)
 

@@ -196,6 +196,12 @@ def test_medicalnet_style_checkpoint_by_name_in_weights_dir(tmp_path: Path, capl
     torch.testing.assert_close(loaded.model.conv1.weight, source.model.conv1.weight)
     torch.testing.assert_close(loaded.model.layer4[0].conv1.weight, source.model.layer4[0].conv1.weight)
     assert "conv_seg" in caplog.text
+    by_path = create_backbone(f"file:{tmp_path / 'resnet10_3d.medicalnet.pth'}", num_classes=2)  # or by its path
+    torch.testing.assert_close(by_path.model.conv1.weight, source.model.conv1.weight)
+    assert by_path.cfg.arch == "resnet10_3d" and by_path.cfg.spatial_dims == 3
+    (tmp_path / "downloaded.pth").write_bytes((tmp_path / "resnet10_3d.medicalnet.pth").read_bytes())
+    with pytest.raises(ValueError, match=r"name the file <arch>.<tag>.pth \(e.g. resnet50.radimagenet.pth\)"):
+        create_backbone(f"file:{tmp_path / 'downloaded.pth'}")
     del state["module.layer4.0.conv1.weight"]  # a backbone tensor missing is never glossed over
     torch.save({"state_dict": state}, tmp_path / "resnet10_3d.broken.pth")
     with pytest.raises(ValueError, match="missing"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from medtl.config import TrainConfig
+from medtl.config import AugmentConfig, TrainConfig
+from medtl.data.datasets import SampleDataset, make_loader
+from medtl.data.transforms import ssl_views_transform
 from medtl.models import create_backbone
 from medtl.ssl import (BYOL, SSL_METHODS, KnnMonitor, MoCo, MomentumEncoder, VICReg, build_ssl_objective,
                        embed_loader)
@@ -187,6 +190,28 @@ def test_byol_trains_a_3d_backbone() -> None:
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     after = list(objective.momentum_encoder.backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the target followed the online network
+
+
+@pytest.mark.parametrize("method", sorted(SSL_METHODS))
+def test_every_method_pretrains_a_3d_backbone_on_the_shared_3d_views(method: str, tmp_path) -> None:
+    # the pretrain stage's path in 3D: volumes on disk -> MONAI 3D views -> the method's objective -> a MONAI 3D ResNet
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        np.save(tmp_path / f"vol{i}.npy", rng.random((1, 14, 12, 10), dtype=np.float32))
+        records.append({"image": str(tmp_path / f"vol{i}.npy"), "label": -1})
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet10_3d.scratch")
+    views = ssl_views_transform(3, 16, backbone.cfg.mean, backbone.cfg.std, AugmentConfig())
+    loader = make_loader(SampleDataset(records, views), 4, shuffle=True, drop_last=True)
+    batch = next(iter(loader))
+    assert batch["view1"].shape == batch["view2"].shape == (4, 1, 16, 16, 16)
+    assert not torch.equal(batch["view1"], batch["view2"])  # two independent augmentations
+    objective = build_ssl_objective(method, backbone, projection_dim=16, total_steps=2)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    history = fit(backbone, objective, loader, _cfg(epochs=1)).history
+    assert np.isfinite(history[0]["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items() if v.is_floating_point())
 
 
 def test_knn_monitor_logs_at_the_right_epochs_and_beats_chance() -> None:

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from medtl.config import AugmentConfig, TrainConfig
 from medtl.data.datasets import SampleDataset, make_loader
 from medtl.data.transforms import train_transform
-from medtl.train import Supervised, fit, select_device
+from medtl.train import Supervised, balanced_class_weights, fit, select_device
 from medtl.train.core import CHECKPOINT_NAME, use_channels_last
 from medtl.train.inference import positive_probability
 from tests.conftest import TinyNet
@@ -158,3 +158,45 @@ def test_fully_frozen_model_is_a_clear_error(array_records):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         fit(model, Supervised(), _loader(array_records), _cfg(epochs=1))
+
+
+def test_class_weights_weigh_each_labeled_image_by_its_class():
+    weights = balanced_class_weights(np.array([0, 1, 1, 1, -1]), num_classes=2)
+    assert weights == pytest.approx([4 / (2 * 1), 4 / (2 * 3)])  # n / (classes x n_c); -1 (unknown) left out
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1, 1, -1])
+    loss, _ = Supervised(class_weights=weights)(torch.nn.Identity(), {"image": logits, "label": labels})
+    per_image = torch.nn.functional.cross_entropy(logits[:3], labels[:3], reduction="none")
+    w = torch.tensor(weights)[labels[:3]]
+    assert loss.item() == pytest.approx(((w * per_image).sum() / w.sum()).item())
+
+
+def test_class_weights_are_checked_with_messages_that_say_what_to_do():
+    with pytest.raises(ValueError, match="one finite positive weight per class"):
+        Supervised(class_weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match="have no labeled training image"):
+        balanced_class_weights([1, 1, -1], num_classes=2)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        balanced_class_weights([0, 1, 2], num_classes=2)
+    with pytest.raises(ValueError, match="give one weight per class"):
+        Supervised(class_weights=[1.0, 1.0, 1.0])(TinyNet(), {"image": torch.zeros(2, 1, 8, 8),
+                                                              "label": torch.tensor([0, 1])})
+
+
+def test_balanced_weights_move_the_operating_point_off_the_training_prevalence():
+    # 80 % positives and one overlapping cue (image brightness, classes 1 sd apart): unweighted training calls
+    # most images positive at 0.5; balanced training calls far fewer.
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(320, generator=g) < 0.8).long()
+    brightness = torch.randn(320, 1, 1, 1, generator=g) + (labels.float().view(-1, 1, 1, 1) - 0.5)
+    images = brightness.expand(-1, 1, 8, 8) + 0.05 * torch.randn(320, 1, 8, 8, generator=g)
+    batches = [{"image": images[i:i + 32], "label": labels[i:i + 32]} for i in range(0, 320, 32)]
+    rates = {}
+    for name, weights in {"plain": None, "balanced": balanced_class_weights(labels.numpy(), 2)}.items():
+        torch.manual_seed(0)
+        model = TinyNet()
+        fit(model, Supervised(class_weights=weights), batches, _cfg(epochs=15, lr=1e-2))
+        model.eval()
+        with torch.no_grad():
+            rates[name] = (model(images).softmax(1)[:, 1] >= 0.5).float().mean().item()
+    assert rates["plain"] > 0.85 and rates["balanced"] < rates["plain"] - 0.15, rates

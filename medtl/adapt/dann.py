@@ -41,6 +41,10 @@ class DANNLoss(AdaptationLoss):
         super().__init__()
         if embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        if hidden_dim <= 0:
+            raise ValueError(f"hidden_dim is the discriminator's width and must be positive, got {hidden_dim}")
+        if alpha < 0:
+            raise ValueError(f"alpha scales the reversed gradient and must be >= 0 (0 = no reversal), got {alpha}")
         self.alpha = alpha
         self.discriminator = nn.Sequential(nn.Linear(embedding_dim, hidden_dim), nn.ReLU(),
                                            nn.Linear(hidden_dim, 1))

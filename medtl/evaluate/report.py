@@ -9,7 +9,8 @@ The report has fixed sections (:data:`REQUIRED_SECTIONS`): summary, intended use
 development with the negative-transfer check, per-hospital performance with ROC and calibration figures, the
 operating point, subgroups, shift between hospitals, adaptation, failure examples, limitations and a map to the
 TRIPOD+AI reporting items. :func:`validate_report` refuses a report dict that lacks any of them, so a report
-that reaches a reviewer is never silently incomplete.
+that reaches a reviewer is never silently incomplete. Optional sections (:data:`OPTIONAL_SECTIONS`: the
+leave-one-hospital-out results, when the run has them) are checked the same way when present.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ SHIFT_KEYS = ("reference", "n_reference", "features", "comparisons")
 SHIFT_COMPARISON_KEYS = ("site", "n_site", "proxy_a_distance", "domain_balanced_accuracy", "mmd2", "mmd_p_value",
                          "differences")
 NEGATIVE_TRANSFER_KEYS = ("negative", "message")
+LOHO_KEYS = ("backbone", "strategy", "held_out")
+LOHO_HELD_OUT_KEYS = ("train_hospitals", "train_images", "val_images", "test_images", "auc", "auc_ci")
+"""``context['leave_one_hospital_out']`` (``loho/summary.json`` as written) and each of its ``held_out`` entries."""
+LOHO_CONFIDENCE = 0.95  # medtl loho bootstraps its CIs at the metrics default, whatever report.confidence says
 
 REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
     "summary": ("paragraphs",),
@@ -98,6 +103,16 @@ REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 """Sections of the report dict (and report.json) → keys each must hold; checked by :func:`validate_report`."""
 
+OPTIONAL_SECTIONS: dict[str, tuple[str, ...]] = {
+    "leave_one_hospital_out": ("backbone", "strategy", "confidence", "comparison_model", "held_out", "notes"),
+}
+"""Sections a report may lack (the run did not produce them) → keys each must hold when present."""
+OPTIONAL_SECTION_ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "leave_one_hospital_out": ("held_out", ("hospital", "role", "train_hospitals", "train_images", "val_images",
+                                            "test_images", "auc", "comparison")),
+}
+"""Optional section → (its list of rows, keys each row must hold)."""
+
 # Review flags, not gates: the report states them, a human decides.
 MIN_AUC_CI_LOW = 0.7      # lower CI bound below this = discrimination not demonstrated at that site
 MAX_ECE = 0.10            # average probability error above 10 points = probabilities need recalibration
@@ -112,23 +127,26 @@ _ROLE_HELP = {
     "target": "adapted to without its labels",
     "external": "never seen in training or adaptation",
 }
-# HTML id → heading, in page order; the TRIPOD+AI map points at these ids.
-_SECTIONS: dict[str, str] = {
-    "summary": "1. Summary",
-    "intended-use": "2. Intended use",
-    "data": "3. Data provenance",
-    "model": "4. Model development",
-    "hospitals": "5. Performance per hospital",
-    "operating-point": "6. Operating point",
-    "subgroups": "7. Subgroups",
-    "shift": "8. Shift between hospitals",
-    "adaptation": "9. Adaptation to the target hospital",
-    "failures": "10. Failure examples",
-    "limitations": "11. Limitations",
-    "tripod": "12. TRIPOD+AI map",
+# HTML id → heading, in page order; the TRIPOD+AI map points at these ids. Numbered by _sections, which leaves
+# out an optional section the report does not have (so the numbers have no gap).
+_SECTION_TITLES: dict[str, str] = {
+    "summary": "Summary",
+    "intended-use": "Intended use",
+    "data": "Data provenance",
+    "model": "Model development",
+    "hospitals": "Performance per hospital",
+    "operating-point": "Operating point",
+    "subgroups": "Subgroups",
+    "shift": "Shift between hospitals",
+    "adaptation": "Adaptation to the target hospital",
+    "loho": "Leave-one-hospital-out (multi-source training)",
+    "failures": "Failure examples",
+    "limitations": "Limitations",
+    "tripod": "TRIPOD+AI map",
 }
+_OPTIONAL_HTML_SECTIONS = {"loho": "leave_one_hospital_out"}  # HTML id → the optional report section it shows
 # (item, topic, section id or None = not covered, note). Item numbers and topics follow the TRIPOD+AI checklist,
-# Collins et al., BMJ 2024;385:e078378.
+# Collins et al., BMJ 2024;385:e078378. _TRIPOD_SEE_ALSO adds an optional section to an item when the report has it.
 _TRIPOD_AI: tuple[tuple[str, str, str | None, str], ...] = (
     ("1", "Title", "summary", "the report title (report.title)"),
     ("2", "Abstract", "summary", "plain-language summary and headline AUCs"),
@@ -164,6 +182,8 @@ _TRIPOD_AI: tuple[tuple[str, str, str | None, str], ...] = (
     ("26", "Limitations", "limitations", ""),
     ("27", "Usability in current care", "failures", "failure examples and input quarantine; workflow not covered"),
 )
+# 23 (performance, incl. heterogeneity across clusters): how the recipe does at each hospital left out of training
+_TRIPOD_SEE_ALSO: dict[str, tuple[str, ...]] = {"23": ("loho",)}
 _AGE_GROUPS: tuple[tuple[float, float, str], ...] = ((0, 40, "age under 40"), (40, 65, "age 40–64"),
                                                      (65, math.inf, "age 65 and over"))
 _SEX_LABELS = {"f": "female", "female": "female", "m": "male", "male": "male", "o": "other", "other": "other"}
@@ -216,7 +236,9 @@ def build_report(predictions: pd.DataFrame, context: dict, cfg: ReportConfig, ou
             target_auc, auc_gap_to_oracle, chosen, uses_target_labels}``: each unsupervised scorer's pick and the
             oracle's), ``ingest.quarantine_reasons`` (reason → count),
             ``finetune.negative_transfer`` (``{checked, transfer_val_auc, scratch_val_auc, delta, negative,
-            message, fallback_applied}``).
+            message, fallback_applied}``), ``leave_one_hospital_out`` (``loho/summary.json`` as
+            :func:`medtl.stages.run_leave_one_hospital_out` writes it: :data:`LOHO_KEYS`, each ``held_out``
+            entry with :data:`LOHO_HELD_OUT_KEYS`), which adds the optional leave-one-hospital-out section.
         cfg: bootstrap size, confidence level, calibration bins, number of failure examples and whether to
             write a PDF (the title shown is ``context['title']``, typically set from ``cfg.title``).
         out_dir: folder to write into (created when missing); existing reports are replaced atomically.
@@ -252,11 +274,14 @@ def build_report(predictions: pd.DataFrame, context: dict, cfg: ReportConfig, ou
 def validate_report(report: dict) -> None:
     """Check that a report dict (e.g. a loaded report.json) holds every section a reviewer signs off.
 
+    Optional sections (:data:`OPTIONAL_SECTIONS`) may be absent; one that is present is checked like a required
+    one, and so are its rows (:data:`OPTIONAL_SECTION_ROWS`).
+
     Args:
         report: the dict :func:`build_report` returns as ``metrics`` and writes as report.json.
 
     Raises:
-        ReportSchemaError: naming the first missing section, or the missing key of a section.
+        ReportSchemaError: naming the first missing section, or the missing key of a section or of a row.
     """
     if not isinstance(report, dict):
         raise ReportSchemaError(f"a report must be a dict of sections, got {type(report).__name__}")
@@ -265,13 +290,33 @@ def validate_report(report: dict) -> None:
             raise ReportSchemaError(
                 f"report is missing required section {section!r}; a report for sign-off needs all of "
                 f"{', '.join(REQUIRED_SECTIONS)}. Generate it with medtl.evaluate.build_report (medtl report).")
-        value = report[section]
-        if not isinstance(value, dict) or not value:
-            raise ReportSchemaError(f"report section {section!r} must be a non-empty dict, got {value!r:.80}")
-        for key in keys:
-            if key not in value:
-                raise ReportSchemaError(f"report section {section!r} is missing key {key!r} "
-                                        f"(needs {', '.join(keys)})")
+        _check_section(report, section, keys)
+    for section, keys in OPTIONAL_SECTIONS.items():
+        if report.get(section) is None:
+            continue
+        _check_section(report, section, keys)
+        if section in OPTIONAL_SECTION_ROWS:
+            rows_key, row_keys = OPTIONAL_SECTION_ROWS[section]
+            rows = report[section][rows_key]
+            if not isinstance(rows, list) or not rows:
+                raise ReportSchemaError(f"report section {section!r}: {rows_key!r} must be a non-empty list, "
+                                        f"got {rows!r:.80}")
+            for i, row in enumerate(rows):
+                missing = [k for k in row_keys if k not in row] if isinstance(row, dict) else list(row_keys)
+                if missing:
+                    raise ReportSchemaError(f"report section {section!r}: {rows_key}[{i}] is missing key "
+                                            f"{missing[0]!r} (needs {', '.join(row_keys)})")
+
+
+def _check_section(report: dict, section: str, keys: tuple[str, ...]) -> None:
+    """A present section is a non-empty dict holding ``keys``."""
+    value = report[section]
+    if not isinstance(value, dict) or not value:
+        raise ReportSchemaError(f"report section {section!r} must be a non-empty dict, got {value!r:.80}")
+    for key in keys:
+        if key not in value:
+            raise ReportSchemaError(f"report section {section!r} is missing key {key!r} "
+                                    f"(needs {', '.join(keys)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +365,26 @@ def _validate_context(context: dict) -> dict:
     for i, item in enumerate(context["limitations"]):
         if not isinstance(item, str) or not item.strip():
             raise ValueError(f"context['limitations'][{i}] must be a non-empty sentence, got {item!r}")
+    if context.get("leave_one_hospital_out") is not None:
+        _validate_loho(context["leave_one_hospital_out"])
     return context
+
+
+def _validate_loho(summary: dict) -> None:
+    """``loho/summary.json``: who was held out, what the model trained on, the held-out AUC and its CI."""
+    where = "context['leave_one_hospital_out']"
+    _require_keys(summary, LOHO_KEYS, where)
+    if not isinstance(summary["held_out"], dict) or not summary["held_out"]:
+        raise ValueError(f"{where}['held_out'] must map each held-out hospital to its results (loho/summary.json "
+                         "as medtl loho writes it)")
+    for hospital, entry in summary["held_out"].items():
+        _require_keys(entry, LOHO_HELD_OUT_KEYS, f"{where}['held_out'][{hospital!r}]")
+        ci = entry["auc_ci"]
+        if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+            raise ValueError(f"{where}['held_out'][{hospital!r}]['auc_ci'] must be [low, high], got {ci!r}")
+        if not isinstance(entry["train_hospitals"], list) or hospital in entry["train_hospitals"]:
+            raise ValueError(f"{where}['held_out'][{hospital!r}]['train_hospitals'] must list the other hospitals "
+                             f"the model was trained on, got {entry['train_hospitals']!r}")
 
 
 def _validate_provenance(context: dict) -> None:
@@ -529,15 +593,83 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
                        "selection": _as_list(ctx["adaptation"].get("selection"))},
         "failure_examples": _failure_examples(primary_rows, threshold, cfg.failure_examples),
         "limitations": {"items": limitations},
-        "tripod_ai": {"guideline": "TRIPOD+AI (Collins et al., BMJ 2024;385:e078378)",
-                      "items": [{"item": item, "topic": topic, "section": section,
-                                 "section_title": _SECTIONS[section] if section else None,
-                                 "covered": section is not None, "note": note}
-                                for item, topic, section, note in _TRIPOD_AI]},
     }
+    loho = _leave_one_hospital_out(ctx.get("leave_one_hospital_out"), ctx, per_hospital, primary)
+    if loho is not None:  # optional: only when the run has loho/summary.json
+        metrics["leave_one_hospital_out"] = loho
+    metrics["tripod_ai"] = _tripod_map(_sections(metrics))
     metrics["summary"] = {"paragraphs": _plain_summary(metrics)}
     metrics["warnings"] = _warnings(metrics, ctx)
     return metrics
+
+
+def _sections(metrics: dict) -> dict[str, str]:
+    """HTML id → numbered heading of the sections this report has (optional ones only when present)."""
+    present = [key for key in _SECTION_TITLES
+               if key not in _OPTIONAL_HTML_SECTIONS or metrics.get(_OPTIONAL_HTML_SECTIONS[key]) is not None]
+    return {key: f"{number}. {_SECTION_TITLES[key]}" for number, key in enumerate(present, start=1)}
+
+
+def _tripod_map(sections: dict[str, str]) -> dict:
+    """The TRIPOD+AI items with the section covering each, plus the optional sections that add to an item."""
+    items = []
+    for item, topic, section, note in _TRIPOD_AI:
+        also = [{"section": key, "section_title": sections[key]} for key in _TRIPOD_SEE_ALSO.get(item, ())
+                if key in sections]
+        items.append({"item": item, "topic": topic, "section": section,
+                      "section_title": sections[section] if section else None, "covered": section is not None,
+                      "note": note, "see_also": also})
+    return {"guideline": "TRIPOD+AI (Collins et al., BMJ 2024;385:e078378)", "items": items}
+
+
+def _leave_one_hospital_out(summary: dict | None, ctx: dict, per_hospital: dict, primary: str) -> dict | None:
+    """The leave-one-hospital-out section: each held-out hospital's AUC next to the primary model's there.
+
+    Args:
+        summary: ``loho/summary.json`` (validated), or None when the run has none.
+        ctx: the report context (cohort roles, the fine-tuning card for the recipe check).
+        per_hospital: the primary model's metrics per hospital.
+        primary: the primary model's name.
+
+    Returns:
+        ``{"backbone", "strategy", "confidence", "comparison_model", "held_out": [row], "notes"}``; each row has
+        ``hospital``, ``role`` (None for a hospital not in the cohort), the training hospitals and image counts,
+        ``val_auc``, ``auc`` ``{value, ci_low, ci_high}`` and ``comparison`` (the primary model's AUC at that
+        hospital, its image count and whether it was trained on that hospital; None where the report has no
+        metrics for it). None without a summary.
+    """
+    if summary is None:
+        return None
+    roles = {row["hospital"]: row["role"] for row in ctx["cohort"]}
+    rows = []
+    for hospital, entry in summary["held_out"].items():
+        low, high = entry["auc_ci"]
+        site = per_hospital.get(hospital)
+        comparison = None
+        if site is not None:
+            comparison = {"auc": site["auc"], "n": site["n"], "trained_on_this_hospital": site["role"] == "source"}
+        rows.append({"hospital": hospital, "role": roles.get(hospital, site["role"] if site else None),
+                     "train_hospitals": list(entry["train_hospitals"]), "train_images": entry["train_images"],
+                     "val_images": entry["val_images"], "test_images": entry["test_images"],
+                     "val_auc": _num(entry.get("val_auc")),
+                     "auc": {"value": _num(entry["auc"]), "ci_low": _num(low), "ci_high": _num(high)},
+                     "comparison": comparison})
+    notes = ["Each held-out hospital is tested on all its labeled images; for a source hospital the "
+             f"{primary} column uses only its held-out test patients, and {primary} was trained on that hospital's "
+             "other patients, so that number is not a new-hospital result."]
+    if str(summary["backbone"]).endswith(".ssl"):  # pretrain reads every hospital's images, unless limited
+        notes.append(f"The backbone {summary['backbone']} was pretrained self-supervised on this run's images, "
+                     "which may include the left-out hospital's (without labels, see pretrain.hospitals); its AUC "
+                     "may then be slightly optimistic for a hospital that is truly new.")
+    card = ctx["finetune"]
+    backbone = card.get("selected_backbone", card.get("backbone"))
+    if (backbone is not None and backbone != summary["backbone"]) or (
+            card.get("strategy") is not None and card["strategy"] != summary["strategy"]):
+        notes.append(f"Leave-one-hospital-out used {summary['backbone']} with strategy {summary['strategy']}, "
+                     f"the fine-tuned model {backbone} with strategy {card.get('strategy', 'not recorded')}: "
+                     "the two were trained with different recipes (re-run medtl loho to compare like with like).")
+    return {"backbone": summary["backbone"], "strategy": summary["strategy"], "confidence": LOHO_CONFIDENCE,
+            "bootstrap_unit": "patient", "comparison_model": primary, "held_out": rows, "notes": notes}
 
 
 def _data_provenance(ctx: dict) -> dict:
@@ -897,7 +1029,7 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
     view = {
         "pdf": pdf,
         "fonts": _pdf_fonts() if pdf else None,
-        "sections": _SECTIONS,
+        "sections": _sections(metrics),
         "title": ctx["title"],
         "generated_at": datetime.fromisoformat(metrics["generated_at"]).strftime("%Y-%m-%d %H:%M UTC"),
         "primary_model": metrics["primary_model"],
@@ -941,6 +1073,7 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
                        "auc_gap_to_oracle": _fmt_value(row.get("auc_gap_to_oracle")),
                        "candidate": row.get("candidate") or "none (no candidate has this score)"}
                       for row in adapt["selection"]],
+        "loho": _loho_view(metrics.get("leave_one_hospital_out")),
         "failures": _failures_view(metrics["failure_examples"]),
         "checks": {"min_auc_ci_low": f"{MIN_AUC_CI_LOW:.2f}", "max_ece": f"{MAX_ECE:.2f}",
                    "min_per_class": MIN_PER_CLASS},
@@ -1043,6 +1176,37 @@ def _shift_view(shift: dict) -> dict:
             "cv_folds": shift.get("cv_folds", "k"), "n_permutations": shift.get("n_permutations", "several")}
 
 
+def _loho_view(section: dict | None) -> dict | None:
+    """Table cells and one plain sentence per held-out hospital; None without the section."""
+    if section is None:
+        return None
+    model, rows = section["comparison_model"], []
+    for row in section["held_out"]:
+        trained_on = ", ".join(row["train_hospitals"])
+        comparison = row["comparison"]
+        result = (f"reached AUC {_fmt_ci(row['auc'])}" if not math.isnan(row["auc"]["value"])
+                  else "has no AUC there (its labeled images are all of one class)")
+        line = (f"{row['hospital']}: a model trained on {trained_on} ({_fmt_value(row['train_images'])} images) and "
+                f"tested on {_fmt_value(row['test_images'])} images from {row['hospital']}, which it never saw, "
+                f"{result}")
+        if comparison is None:
+            line += f"; this report has no {model} result there to compare."
+        elif comparison["trained_on_this_hospital"]:
+            line += (f"; {model}, trained on this hospital's own patients, reached {_fmt_ci(comparison['auc'])} on "
+                     "its held-out patients.")
+        else:
+            line += f"; {model}, trained without this hospital too, reached {_fmt_ci(comparison['auc'])}."
+        rows.append({"hospital": row["hospital"], "role": row["role"] or "not in the cohort",
+                     "trained_on": trained_on, "train_images": _fmt_value(row["train_images"]),
+                     "val_images": _fmt_value(row["val_images"]), "test_images": _fmt_value(row["test_images"]),
+                     "auc": dict(zip(("value", "ci"), _ci_parts(row["auc"]))),
+                     "comparison": (dict(zip(("value", "ci"), _ci_parts(comparison["auc"]))) if comparison
+                                    else {"value": "—", "ci": ""}),
+                     "trained_on_it": bool(comparison and comparison["trained_on_this_hospital"]), "line": line})
+    return {"backbone": section["backbone"], "strategy": section["strategy"], "model": model,
+            "level": _pct(section["confidence"]), "rows": rows, "notes": section["notes"]}
+
+
 def _failures_view(failures: dict) -> dict:
     groups = []
     for key, title, total in (("false_positives", "Most confident false positives", failures["n_false_positives"]),
@@ -1121,6 +1285,13 @@ def _plain_summary(metrics: dict) -> list[str]:
             f"({_shift_verdict(_num(most['proxy_a_distance']))}: a simple classifier tells them apart "
             f"{_num(most['domain_balanced_accuracy']) * 100:.0f} % of the time, where 50 % would mean no "
             "difference); see “Shift between hospitals”.")
+    loho = metrics.get("leave_one_hospital_out")
+    if loho is not None:
+        paragraphs.append(
+            "How the model does at a hospital it never saw (leave-one-hospital-out: trained on all the other "
+            "hospitals, tested on the one left out): "
+            + ", ".join(f"{row['hospital']} AUC {_fmt_ci(row['auc'])}" for row in loho["held_out"])
+            + f" ({_pct(loho['confidence'])} CIs); see “Leave-one-hospital-out”.")
     return paragraphs
 
 
@@ -1161,6 +1332,15 @@ def _summary_markdown(metrics: dict) -> str:
         delta = "reference" if name == BASELINE_MODEL else _fmt_delta(m.get("delta_auc_vs_baseline"))
         marker = " (best)" if name == adapt["best_method"] else ""
         lines.append(f"| {_md(name)}{marker} | {_fmt_ci(m['auc'])} | {delta} |")
+    loho = metrics.get("leave_one_hospital_out")
+    if loho is not None:
+        lines += ["", "**Leave-one-hospital-out** (trained on the other hospitals, tested on the one left out)", "",
+                  f"| Held-out hospital | Trained on | AUC | {_md(loho['comparison_model'])} AUC there |",
+                  "|---|---|---|---|"]
+        for row in loho["held_out"]:
+            comparison = "—" if row["comparison"] is None else _fmt_ci(row["comparison"]["auc"])
+            lines.append(f"| {_md(row['hospital'])} | {_md(', '.join(row['train_hospitals']))} | "
+                         f"{_fmt_ci(row['auc'])} | {comparison} |")
     if metrics["warnings"]:
         lines += ["", "**Warnings**", ""] + [f"- {_md(w)}" for w in metrics["warnings"]]
     return "\n".join(lines) + "\n"

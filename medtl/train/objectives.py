@@ -11,8 +11,10 @@ Source-only training is the same objective with the zero plugin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,19 +32,73 @@ class Supervised(Objective):
 
     Args:
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+        class_weights: (num_classes,) positive weight of each class in the loss, e.g. from
+            :func:`balanced_class_weights`; ``None`` weighs every image alike. Weighting classes by the inverse
+            of their frequency trains the classifier as if the classes were balanced, so that its 0.5 operating
+            point does not carry the training set's prevalence to a site whose prevalence differs.
+
+    Examples:
+        >>> objective = Supervised(class_weights=balanced_class_weights([0, 1, 1, 1], num_classes=2))
+        >>> objective.class_weights
+        tensor([2.0000, 0.6667])
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
+            if weights.ndim != 1 or len(weights) < 2 or not bool(torch.isfinite(weights).all() and (weights > 0).all()):
+                raise ValueError(f"class_weights must be one finite positive weight per class (at least 2), got "
+                                 f"{list(class_weights)}; use balanced_class_weights(labels, num_classes) or None")
+        # a buffer, so the weights follow the objective to the model's device
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The task loss of (B, num_classes) ``logits`` against (B,) ``labels``, for objectives that compute the
+        logits themselves (:class:`TaskWithAdaptation`)."""
+        if self.class_weights is not None and logits.shape[1] != len(self.class_weights):
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries but the model has "
+                             f"{logits.shape[1]} classes; give one weight per class")
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights, ignore_index=-1,
+                               label_smoothing=self.label_smoothing)
 
     def forward(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=-1, label_smoothing=self.label_smoothing)
+        loss = self.loss(logits, batch["label"])
         acc = (logits.argmax(1) == batch["label"]).float().mean()
         return loss, {"loss": loss.item(), "acc": acc.item()}
+
+
+def balanced_class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> list[float]:
+    """Weights ``n / (num_classes × n_c)`` per class c: scikit-learn's ``class_weight="balanced"``.
+
+    Args:
+        labels: (N,) class indices of the training images; ``-1`` (unknown) is left out.
+        num_classes: how many classes the model predicts.
+
+    Returns:
+        ``num_classes`` weights; with them every class contributes the same total weight to the loss.
+
+    Raises:
+        ValueError: a class has no labeled image (it cannot be balanced), or a label is out of range.
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.asarray(labels).astype(int).ravel()
+    y = y[y != -1]
+    classes = np.arange(num_classes)
+    bad = sorted(set(np.unique(y).tolist()) - set(classes.tolist()))
+    if bad:
+        raise ValueError(f"labels {bad} are outside 0..{num_classes - 1}; check num_classes")
+    missing = sorted(set(classes.tolist()) - set(np.unique(y).tolist()))
+    if missing:
+        raise ValueError(f"classes {missing} have no labeled training image, so they cannot be balanced; label "
+                         f"some, or set the class weights by hand")
+    return [float(w) for w in compute_class_weight("balanced", classes=classes, y=y)]
 
 
 @dataclass
@@ -111,14 +167,17 @@ class TaskWithAdaptation(Objective):
     Args:
         adaptation: an :class:`AdaptationLoss` plugin (e.g. :class:`medtl.adapt.CoralLoss`).
         reg: weight of the adaptation loss; ``reg=0`` or :class:`NoAdaptation` is source-only.
+        task: the source task loss; ``None`` = plain cross-entropy. Pass the fine-tuning objective (e.g. with
+            its class weights) so that adaptation keeps training the task the model was fine-tuned on.
     """
 
-    def __init__(self, adaptation: AdaptationLoss, reg: float = 1.0) -> None:
+    def __init__(self, adaptation: AdaptationLoss, reg: float = 1.0, task: Supervised | None = None) -> None:
         super().__init__()
         if reg < 0:
             raise ValueError(f"reg must be >= 0, got {reg}")
         self.adaptation = adaptation
         self.reg = reg
+        self.task = task if task is not None else Supervised()
 
     def forward(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         xs, ys = batch["source"]["image"], batch["source"]["label"]
@@ -134,7 +193,7 @@ class TaskWithAdaptation(Objective):
         end = n + (parts[1].shape[0] if len(parts) > 1 else 0)
         source = DomainFeatures(embedding[:n], logits[:n], labels=ys)
         target = DomainFeatures(embedding[n:end], logits[n:end], strong_logits=logits[end:] if strong else None)
-        task = F.cross_entropy(source.logits.float(), ys, ignore_index=-1)
+        task = self.task.loss(source.logits, ys)
         adapt = self.adaptation(source, target)
         loss = task + self.reg * adapt
         logs = {**self.adaptation.extra_logs(), "loss": loss.item(), "task": task.item(), "adaptation": adapt.item()}
