@@ -1180,7 +1180,7 @@ def _loho_view(section: dict | None) -> dict | None:
     """Table cells and one plain sentence per held-out hospital; None without the section."""
     if section is None:
         return None
-    model, rows = section["comparison_model"], []
+    model, rows = f"the model this report validates ({section['comparison_model']})", []
     for row in section["held_out"]:
         trained_on = ", ".join(row["train_hospitals"])
         comparison = row["comparison"]
@@ -1190,7 +1190,7 @@ def _loho_view(section: dict | None) -> dict | None:
                 f"tested on {_fmt_value(row['test_images'])} images from {row['hospital']}, which it never saw, "
                 f"{result}")
         if comparison is None:
-            line += f"; this report has no {model} result there to compare."
+            line += f"; there is no result of {model} there to compare."
         elif comparison["trained_on_this_hospital"]:
             line += (f"; {model}, trained on this hospital's own patients, reached {_fmt_ci(comparison['auc'])} on "
                      "its held-out patients.")
