@@ -4,7 +4,7 @@ A stage task's cache key is a hash of
 
 * the task's name, its stage and its own parameters besides ``config`` (an ingest shard's index, a hospital);
 * the config sections the stage reads (JSON), single fields of other sections it reads (leave-one-hospital-out's
-  bootstrap size), the resolved workdir and the medtl version;
+  bootstrap settings), the resolved workdir and the medtl version;
 * the content (SHA-256) of the workspace files the stage reads: the manifest, rankings, weights, cards and
   predictions earlier stages wrote. The raw input folder of ingestion is fingerprinted by each file's path,
   size and modification time instead of its bytes (hashing a hospital's archive twice per run would cost as much
@@ -71,9 +71,10 @@ STAGES: dict[str, StageFiles] = {
     "finetune": StageFiles(("finetune", "data"), (_MANIFEST, "select/ranking.json", "weights"),
                            ("finetune/model.json", "finetune/model.safetensors", "finetune/predictions.parquet")),
     # leave-one-hospital-out trains its own models from the chosen backbone, never reads the fine-tuned one; of the
-    # report section it reads only the bootstrap size (a new report title must not cost a fine-tuning per hospital)
+    # report section it reads only the bootstrap settings (a new report title must not cost a fine-tuning per hospital)
     "loho": StageFiles(("finetune", "data"), (_MANIFEST, "select/ranking.json", "weights"),
-                       ("loho/summary.json", "loho/predictions.parquet"), fields=("report.n_bootstrap",)),
+                       ("loho/summary.json", "loho/predictions.parquet"),
+                       fields=("report.n_bootstrap", "report.confidence")),
     "adapt": StageFiles(("adapt", "data"), (_MANIFEST, "finetune/model.json", "finetune/model.safetensors", "weights"),
                         ("adapt/summary.json", "adapt/predictions.parquet", "adapt/chosen.safetensors")),
     "evaluate": StageFiles(("report",), ("finetune/predictions.parquet", "finetune/model.json"), ("evaluate",)),

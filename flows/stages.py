@@ -125,7 +125,8 @@ def finetune_task(config: PipelineConfig) -> dict:
 
 @task(name="loho")
 def loho_task(config: PipelineConfig) -> dict:
-    return stages.run_leave_one_hospital_out(config.finetune, config.data, _ws(config), config.report.n_bootstrap)
+    return stages.run_leave_one_hospital_out(config.finetune, config.data, _ws(config), config.report.n_bootstrap,
+                                             config.report.confidence)
 
 
 @task(name="adapt")

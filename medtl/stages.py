@@ -326,21 +326,15 @@ def _validate_selection(cfg: SelectConfig, selector: BackboneSelector, feature_s
     if len(auc) < 2:
         return {"finetuned": finetuned, "scores": [], "tolerance": cfg.tolerance, "feature_seconds": feature_seconds,
                 "note": f"{len(auc)} candidate(s) have a fine-tuned validation AUC; ranking needs two or more"}
+    from medtl.evaluate.report import jsonable
+
     table = validate_selection(selector.scores_, selector.seconds_, auc, seconds, tolerance=cfg.tolerance)
-    scores = [{"score": score, **{k: _json_value(v) for k, v in row.items()}} for score, row in table.iterrows()]
+    scores = jsonable(table.reset_index().to_dict(orient="records"))  # one row per score, "score" first
     for row in scores:
         log.info("select validation: %s tau_w=%s picks %s (regret %s)", row["score"], row["weighted_tau"],
                  row["top_pick"], row["regret"])
     return {"finetuned": finetuned, "scores": scores, "tolerance": cfg.tolerance, "feature_seconds": feature_seconds,
             "metric": "validation AUC after fine-tuning on the source training split"}
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return _finite_or_none(float(value))
-    return value
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -426,7 +420,7 @@ def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
 
 
 def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Workspace,
-                               n_bootstrap: int = 1000) -> dict:
+                               n_bootstrap: int = 1000, confidence: float = 0.95) -> dict:
     """Leave-one-hospital-out evaluation of multi-source training, the domain-generalisation baseline.
 
     For each hospital with labeled images, the chosen backbone is fine-tuned with ``cfg`` (strategy, budget,
@@ -441,10 +435,11 @@ def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Worksp
             ``loho/predictions.parquet`` (column ``model`` = ``loho:<held-out hospital>``) and
             ``loho/summary.json``.
         n_bootstrap: patient-level bootstrap resamples of the CIs.
+        confidence: level of the CIs (``report.confidence``), recorded in the summary for the report.
 
     Returns:
-        ``{"backbone", "strategy", "held_out": {hospital: {"train_hospitals", "train_images", "val_images",
-        "test_images", "val_auc", "auc", "auc_ci", "seconds"}}}`` as in ``summary.json``.
+        ``{"backbone", "strategy", "confidence", "held_out": {hospital: {"train_hospitals", "train_images",
+        "val_images", "test_images", "val_auc", "auc", "auc_ci", "seconds"}}}`` as in ``summary.json``.
 
     Raises:
         ValueError: with fewer than two hospitals with labeled images.
@@ -464,7 +459,8 @@ def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Worksp
                                 ws, role=f"loho-{index}")
         prob = positive_probability(trained.model, _eval_loader(test, trained.model, data))
         y = test["label"].astype(int).to_numpy()
-        metrics = binary_metrics(y, prob, groups=test["patient_id"].to_numpy(), n_bootstrap=n_bootstrap)
+        metrics = binary_metrics(y, prob, groups=test["patient_id"].to_numpy(), n_bootstrap=n_bootstrap,
+                                 confidence=confidence)
         held_out[hospital] = {
             "train_hospitals": sorted(set(others["hospital"])), "train_images": int((others["split"] == "train").sum()),
             "val_images": int((others["split"] == "val").sum()), "test_images": len(test),
@@ -477,7 +473,7 @@ def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Worksp
                  held_out[hospital]["train_images"], ", ".join(held_out[hospital]["train_hospitals"]),
                  metrics["auc"]["value"])
     _write_parquet(pd.concat(predictions, ignore_index=True), ws.loho / "predictions.parquet")
-    summary = {"backbone": name, "strategy": cfg.strategy, "held_out": held_out}
+    summary = {"backbone": name, "strategy": cfg.strategy, "confidence": confidence, "held_out": held_out}
     _write_json(ws.loho / "summary.json", summary)
     return summary
 
@@ -528,14 +524,13 @@ def run_fewshot(cfg: FewshotConfig, data: DataConfig, ws: Workspace) -> dict:
                              f"Lower the largest K or n_query, or set fewshot.train: null") from exc
         t = train_transform(data.spatial_dims, data.image_size, backbone.cfg.mean, backbone.cfg.std, data.augment)
         loader = DataLoader(_dataset(train_rows, t), batch_sampler=sampler, num_workers=data.num_workers)
+        episodes = {"k_shot": k_train, "n_way": cfg.n_way, "n_query": cfg.n_query, "metric": cfg.metric}
+        digest = data_hash(train_rows)
         result = fit(backbone, PrototypicalLoss(cfg.n_way, k_train, cfg.n_query, metric=cfg.metric), loader,
                      cfg.train, checkpoint_dir=ws.fewshot / "checkpoints",
-                     fingerprint_extra={"backbone": name, "k_shot": k_train, "n_way": cfg.n_way,
-                                        "n_query": cfg.n_query, "metric": cfg.metric, "data": data_hash(train_rows),
-                                        "input": input_settings(data)},
+                     fingerprint_extra={"backbone": name, **episodes, "data": digest, "input": input_settings(data)},
                      callbacks=tracking.epoch_callbacks("fewshot/"), description="fewshot episodic training")
-        card = {"method": "prototypical episodic training", "init": name, "k_shot": k_train, "n_way": cfg.n_way,
-                "n_query": cfg.n_query, "metric": cfg.metric, "data_sha256": data_hash(train_rows),
+        card = {"method": "prototypical episodic training", "init": name, **episodes, "data_sha256": digest,
                 "history": result.history, "created_at": datetime.now(timezone.utc).isoformat(),
                 "medtl_version": medtl.__version__}
         saved = save_backbone(backbone, ws.weights / f"{backbone.cfg.arch}.protonet", card)
@@ -738,7 +733,7 @@ def _finetune_one(name: str, cfg: FinetuneConfig, data: DataConfig, train_rows: 
     loader = _train_loader(train_rows, model, data, cfg.train.batch_size)
     extra = {"backbone": name, "strategy": cfg.strategy, "settings": recipe.settings, "batchnorm": cfg.batchnorm,
              "early_stopping_patience": cfg.early_stopping_patience, "data": data_hash(train_rows),
-             "input": input_settings(data), **({"class_weights": class_weights} if class_weights is not None else {})}
+             "input": input_settings(data), "class_weights": class_weights}
     checkpoints = checkpoints or ws.finetune / "checkpoints" / role
     if cfg.strategy == "lp_ft":
         probe, tuned = lp_ft(model, recipe.objective, loader,
@@ -1201,6 +1196,8 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         ValueError: when the target has no unlabeled images, or no candidate has a finite
             ``cfg.selection_scorer`` score.
     """
+    from medtl.ingest.folder import file_sha256
+
     manifest = load_split_manifest(ws, data)
     base, card = load_finetuned(ws)
     source = manifest[(manifest["role"] == "source") & (manifest["split"] == "train")]
@@ -1212,8 +1209,6 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
         target, manifest[(manifest["role"] == "source") & (manifest["split"] == "val")],
         manifest[(manifest["role"] == "target") & manifest["label"].notna()], base, data, device=cfg.train.device)
     predictions, summary, candidates, not_evaluated = [], {}, [], []
-    from medtl.ingest.folder import file_sha256
-
     # The fine-tuned weights themselves (not their name), the images and the transforms: a re-run after any of
     # them changed retrains instead of resuming checkpoints adapted from another model.
     trained_on = {"base": file_sha256(ws.finetune / "model.safetensors"), "source": data_hash(source),
@@ -1256,7 +1251,7 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
                 target_loader = _train_loader(target, model, data, cfg.train.batch_size)
             loader = PairedLoader(_train_loader(source, model, data, cfg.train.batch_size), target_loader)
             extra = {"method": method, "reg": reg, "settings": settings, **trained_on,
-                     **({"class_weights": task.class_weights.tolist()} if task.class_weights is not None else {})}
+                     "class_weights": card.get("class_weights")}
             recorder = _CandidateRecorder(run, run_fingerprint(cfg.train, extra), ws.adapt / "candidates", evaluate)
             result = fit(model, TaskWithAdaptation(plugin, reg=reg or 0.0, task=task), loader, cfg.train,
                          checkpoint_dir=ws.adapt / "checkpoints" / run,
@@ -1614,6 +1609,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         run_select(config.select, config.data, ws)
         run_finetune(config.finetune, config.data, ws)
         if config.report.leave_one_hospital_out:
-            run_leave_one_hospital_out(config.finetune, config.data, ws, config.report.n_bootstrap)
+            run_leave_one_hospital_out(config.finetune, config.data, ws, config.report.n_bootstrap,
+                                       config.report.confidence)
         run_adapt(config.adapt, config.data, ws)
         return run_report(config, ws)

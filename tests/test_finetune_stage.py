@@ -261,6 +261,7 @@ def test_leave_one_hospital_out_trains_on_the_others_and_tests_on_the_unseen_one
     # held out in name order (Harbor Valley, then St. Aurelia), each trained on the other
     assert trained_on == [({SOURCE}, {SOURCE}, "loho-0"), ({TARGET}, {TARGET}, "loho-1")]
     assert list(summary["held_out"]) == [TARGET, SOURCE]
+    assert summary["confidence"] == 0.95  # the default level, recorded for the report
     manifest = stages.load_split_manifest(ws, DATA)
     for hospital, result in summary["held_out"].items():
         assert result["train_hospitals"] == sorted({SOURCE, TARGET} - {hospital})

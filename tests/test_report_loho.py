@@ -80,6 +80,14 @@ def test_section_has_each_held_out_hospitals_numbers_in_json(with_loho):
                                                                      "training)"}]
 
 
+def test_section_states_the_ci_level_the_summary_was_computed_at(tmp_path):
+    # a summary written before it recorded its level keeps 0.95 (the fixture above); one at 0.9 says 90 %
+    result = build_report(make_predictions(), _context({**SUMMARY, "confidence": 0.9}),
+                          ReportConfig(n_bootstrap=50, pdf=False), tmp_path)
+    assert json.loads(result.json_path.read_text(encoding="utf-8"))["leave_one_hospital_out"]["confidence"] == 0.9
+    assert "(90 % CIs)" in result.json_path.read_text(encoding="utf-8")
+
+
 def test_section_is_in_the_html_in_plain_words(with_loho):
     html = with_loho.html_path.read_text(encoding="utf-8")
     assert '<section id="loho">' in html and "<h2>10. Leave-one-hospital-out (multi-source training)</h2>" in html
@@ -169,11 +177,13 @@ def test_loho_task_makes_one_medtl_call_and_its_table(tmp_path, monkeypatch):
     from medtl import stages
 
     config = _config(tmp_path, True)
-    seen = []
+    seen, levels = [], []
     monkeypatch.setattr(stages, "run_leave_one_hospital_out",
-                        lambda cfg, data, ws, n_bootstrap: seen.append((cfg, data, ws.root, n_bootstrap)) or SUMMARY)
+                        lambda cfg, data, ws, n_bootstrap, confidence: seen.append((cfg, data, ws.root, n_bootstrap))
+                        or levels.append(confidence) or SUMMARY)
     assert loho_task.fn(config) == SUMMARY
     assert seen == [(config.finetune, config.data, Path(config.workdir), config.report.n_bootstrap)]
+    assert levels == [config.report.confidence]  # the report's CI level, recorded in the summary
     rows = loho_rows(SUMMARY)
     assert [r["held_out"] for r in rows] == list(SUMMARY["held_out"])
     assert rows[1] == {"held_out": "hospital_b", "trained_on": "hospital_a, hospital_c", "train_images": 140,
@@ -206,4 +216,5 @@ def test_cache_keys_of_loho_and_of_the_report(tmp_path):
     key = cache_key("loho", "loho", {"config": config})
     assert key == cache_key("loho", "loho", {"config": changed("report", title="another title")})
     assert key != cache_key("loho", "loho", {"config": changed("report", n_bootstrap=500)})
+    assert key != cache_key("loho", "loho", {"config": changed("report", confidence=0.9)})
     assert key != cache_key("loho", "loho", {"config": changed("finetune", strategy="full")})

@@ -69,11 +69,11 @@ def build_adaptation_loss(name: str, embedding_dim: int, **settings: Any) -> Ada
         >>> build_adaptation_loss("pseudo_label", 1280, threshold=0.9).threshold
         0.9
     """
-    cls = _plugin(name)
-    unknown = sorted(set(settings) - set(plugin_settings(name)))
+    cls, accepted = _plugin(name), plugin_settings(name)
+    unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"adaptation loss {name!r} has no setting {', '.join(map(repr, unknown))}; its settings are "
-                         f"{plugin_settings(name) or 'none'}")
+                         f"{accepted or 'none'}")
     if "embedding_dim" in inspect.signature(cls).parameters:
         settings = {**settings, "embedding_dim": embedding_dim}
     return cls(**settings)

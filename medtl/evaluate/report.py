@@ -83,7 +83,7 @@ NEGATIVE_TRANSFER_KEYS = ("negative", "message")
 LOHO_KEYS = ("backbone", "strategy", "held_out")
 LOHO_HELD_OUT_KEYS = ("train_hospitals", "train_images", "val_images", "test_images", "auc", "auc_ci")
 """``context['leave_one_hospital_out']`` (``loho/summary.json`` as written) and each of its ``held_out`` entries."""
-LOHO_CONFIDENCE = 0.95  # medtl loho bootstraps its CIs at the metrics default, whatever report.confidence says
+LOHO_CONFIDENCE = 0.95  # the level of a loho/summary.json written before summaries recorded theirs
 
 REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
     "summary": ("paragraphs",),
@@ -254,7 +254,7 @@ def build_report(predictions: pd.DataFrame, context: dict, cfg: ReportConfig, ou
     preds = _validate_predictions(predictions, ctx)
     metrics = _compute(preds, ctx, cfg)
     metrics["figures"] = _figures(preds, metrics, cfg)
-    payload = _jsonable({**metrics, "context": ctx})
+    payload = jsonable({**metrics, "context": ctx})
     validate_report(payload)
 
     out_dir = Path(out_dir)
@@ -527,7 +527,7 @@ def site_metrics(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dic
             raise ValueError(f"site_metrics takes one hospital's rows; these have several {column}s: "
                              f"{sorted(rows[column].astype(str).unique())}")
     rows = rows.assign(label=rows["label"].astype("int64"), prob=rows["prob"].astype("float64"))
-    return _jsonable({"role": str(rows["role"].iloc[0]), **_evaluate(rows, float(threshold), cfg)})
+    return jsonable({"role": str(rows["role"].iloc[0]), **_evaluate(rows, float(threshold), cfg)})
 
 
 def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
@@ -668,7 +668,7 @@ def _leave_one_hospital_out(summary: dict | None, ctx: dict, per_hospital: dict,
         notes.append(f"Leave-one-hospital-out used {summary['backbone']} with strategy {summary['strategy']}, "
                      f"the fine-tuned model {backbone} with strategy {card.get('strategy', 'not recorded')}: "
                      "the two were trained with different recipes (re-run medtl loho to compare like with like).")
-    return {"backbone": summary["backbone"], "strategy": summary["strategy"], "confidence": LOHO_CONFIDENCE,
+    return {"backbone": summary["backbone"], "strategy": summary["strategy"], "confidence": summary.get("confidence", LOHO_CONFIDENCE),
             "bootstrap_unit": "patient", "comparison_model": primary, "held_out": rows, "notes": notes}
 
 
@@ -1349,14 +1349,14 @@ def _summary_markdown(metrics: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # output
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON types; NaN / inf → None; values JSON cannot hold are stored as their string."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if obj is None or isinstance(obj, (str, bool)):
         return obj
     if isinstance(obj, np.bool_):
