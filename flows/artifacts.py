@@ -85,31 +85,50 @@ def finetune_description(card: dict) -> str:
     return f"{line}. {gate['message']}" if gate.get("message") else line
 
 
-def adaptation_rows(report: dict, chosen: dict | None = None) -> list[dict]:
-    """One row per adaptation method on the target hospital: AUC with its CI and the difference to source-only.
+def adaptation_rows(report: dict) -> list[dict]:
+    """One row per adaptation method on the target hospital: AUC with its CI and the difference to source-only;
+    first the deployed model there, and the run that the target's labels rank best marked as the upper bound.
 
     Args:
         report: ``report/report.json`` (its ``adaptation`` section).
-        chosen: the adapt stage's unsupervised choice (``{"method", "epoch", "scorer"}``), marked in its row.
 
     Returns:
-        Table rows, in the config's method order.
+        Table rows (none when adaptation did not run), the deployed model first, then the config's method order.
     """
     adaptation = report["adaptation"]
+    if not adaptation.get("ran", True):
+        return []
+    upper = (adaptation.get("upper_bound") or {}).get("method")
     rows = []
+    deployed = adaptation.get("deployed")
+    if deployed:
+        auc, delta = _estimate(deployed.get("auc")), _estimate(deployed.get("delta_auc_vs_comparison"))
+        rows.append({"method": f"deployed ({deployed.get('candidate')})", "target": adaptation["target_hospital"],
+                     "n": deployed.get("n"), "auc": auc["value"], "auc_ci_low": auc["ci_low"],
+                     "auc_ci_high": auc["ci_high"], "delta_auc_vs_source_only": None, "delta_ci_low": None,
+                     "delta_ci_high": None, "delta_auc_vs_finetuned": delta["value"],
+                     "upper_bound_uses_target_labels": False, "deployed": True})
+    before = adaptation.get("before_adaptation")
+    if before:
+        auc, delta = _estimate(before.get("auc")), _estimate(before.get("delta_auc_vs_baseline"))
+        rows.append({"method": f"{before['model']} (before adaptation)", "target": adaptation["target_hospital"],
+                     "n": before.get("n"), "auc": auc["value"], "auc_ci_low": auc["ci_low"],
+                     "auc_ci_high": auc["ci_high"], "delta_auc_vs_source_only": delta["value"],
+                     "delta_ci_low": delta["ci_low"], "delta_ci_high": delta["ci_high"], "delta_auc_vs_finetuned": None,
+                     "upper_bound_uses_target_labels": False, "deployed": False})
     for method, entry in adaptation["methods"].items():
         auc, delta = _estimate(entry.get("auc")), entry.get("delta_auc_vs_baseline")
         delta = _estimate(delta) if delta else {"value": None, "ci_low": None, "ci_high": None}
         rows.append({"method": method, "target": adaptation["target_hospital"], "n": entry.get("n"),
                      "auc": auc["value"], "auc_ci_low": auc["ci_low"], "auc_ci_high": auc["ci_high"],
                      "delta_auc_vs_source_only": delta["value"], "delta_ci_low": delta["ci_low"],
-                     "delta_ci_high": delta["ci_high"], "best_by_auc": method == adaptation.get("best_method"),
-                     "chosen_without_labels": bool(chosen) and method == chosen.get("method")})
+                     "delta_ci_high": delta["ci_high"], "delta_auc_vs_finetuned": None,
+                     "upper_bound_uses_target_labels": method == upper, "deployed": False})
     return rows
 
 
 def site_rows(site_results: list[dict]) -> list[dict]:
-    """One row per hospital: the fine-tuned model's metrics with their 95 % CIs (per-site evaluation results).
+    """One row per hospital: the deployed model's metrics with their 95 % CIs (per-site evaluation results).
 
     Args:
         site_results: ``run_evaluate_site`` results (``{"hospital", "metrics", ...}``).

@@ -40,6 +40,7 @@ from medtl.workspace import Workspace
 _MANIFEST = "ingest/manifest.parquet"
 _LEDGER = "ingest/ledger.parquet"
 _LOHO_SUMMARY = "loho/summary.json"
+_DEPLOYED = ("deploy/model.safetensors", "deploy/model.json", "deploy/predictions.parquet", "deploy/analysis.json")
 _RESULTS_DIR = ".prefect-results"
 
 
@@ -77,9 +78,15 @@ STAGES: dict[str, StageFiles] = {
                        fields=("report.n_bootstrap", "report.confidence")),
     "adapt": StageFiles(("adapt", "data"), (_MANIFEST, "finetune/model.json", "finetune/model.safetensors", "weights"),
                         ("adapt/summary.json", "adapt/predictions.parquet", "adapt/chosen.safetensors")),
-    "evaluate": StageFiles(("report",), ("finetune/predictions.parquet", "finetune/model.json"), ("evaluate",)),
-    "report": StageFiles(("*",), (_MANIFEST, _LEDGER, "select/ranking.json", "finetune/model.json",
-                                  "finetune/predictions.parquet", "adapt/summary.json", "adapt/predictions.parquet",
+    # the deployed model: adapt's pick (or the fine-tuned model), its operating point and label-free analyses
+    "deploy": StageFiles(("data",), (_MANIFEST, "finetune/model.json", "finetune/model.safetensors",
+                                     "adapt/selection.json", "adapt/chosen.safetensors",
+                                     "adapt/target_probabilities.safetensors"), _DEPLOYED,
+                         fields=("report.recalibrate", "report.n_bootstrap", "report.confidence", "adapt.label_shift")),
+    "evaluate": StageFiles(("report",), ("deploy/predictions.parquet", "deploy/model.json"), ("evaluate",)),
+    "report": StageFiles(("*",), (_MANIFEST, _LEDGER, "pretrain/card.json", "select/ranking.json",
+                                  "finetune/model.json", "finetune/predictions.parquet", "adapt/summary.json",
+                                  "adapt/selection.json", "adapt/predictions.parquet", *_DEPLOYED,
                                   _LOHO_SUMMARY),  # the report shows leave-one-hospital-out whenever it is there
                          ("report/report.html", "report/report.json")),
 }

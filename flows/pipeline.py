@@ -11,15 +11,19 @@ changed skips every finished stage (content-addressed cache, ``flows/caching.py`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 from prefect import flow
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from flows.runners import shared_cluster
-from flows.stages import (adapt_flow, evaluate_flow, finetune_flow, ingest_flow, loho_flow, pretrain_flow,
-                          report_flow, resolve_config, select_flow, synth_flow)
+from flows.stages import (adapt_flow, deploy_flow, evaluate_flow, finetune_flow, ingest_flow, loho_flow,
+                          pretrain_flow, report_flow, resolve_config, select_flow, synth_flow)
 from medtl import tracking
 from medtl.config import ConfigError, PipelineConfig
 
@@ -28,7 +32,7 @@ from medtl.config import ConfigError, PipelineConfig
 def pipeline(config: PipelineConfig | None = None, config_path: str | None = None,
              overrides: dict | None = None) -> dict:
     """DICOM → ingest → SSL pretraining → backbone selection → fine-tuning (→ leave-one-hospital-out) →
-    adaptation → per-site evaluation → report.
+    adaptation (when a target hospital is set) → deployment → per-site evaluation of the deployed model → report.
 
     Args:
         config: a loaded config; or
@@ -53,9 +57,32 @@ def pipeline(config: PipelineConfig | None = None, config_path: str | None = Non
         # opt-in: one extra fine-tuning per labeled hospital, for the report's domain-generalisation baseline
         if config.report.leave_one_hospital_out:
             loho_flow(config=config)
-        adapt_flow(config=config)
+        if config.data.target_hospital is not None:  # a single-hospital study has no hospital to adapt to
+            adapt_flow(config=config)
+        deploy_flow(config=config)
         evaluate_flow(config=config, dask_address=dask_address)
         return report_flow(config=config)
+
+
+STARTUP_TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_TIMEOUT_MESSAGE = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+@contextlib.contextmanager
+def prefect_settings(config: PipelineConfig) -> Iterator[None]:
+    """Prefect settings for a pipeline run: the ephemeral server's startup timeout from
+    ``orchestration.ephemeral_startup_timeout_s``, unless the environment sets it."""
+    if os.environ.get(STARTUP_TIMEOUT_VARIABLE):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:
+                                     config.orchestration.ephemeral_startup_timeout_s}):
+        yield
+
+
+def prefect_startup_timeout() -> int:
+    """The ephemeral server's startup timeout in force, in seconds."""
+    return int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medtl: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    result = pipeline(config=config)
+    timeout = None
+    try:
+        with prefect_settings(config):
+            timeout = prefect_startup_timeout()
+            result = pipeline(config=config)
+    except RuntimeError as exc:
+        if EPHEMERAL_TIMEOUT_MESSAGE not in str(exc):
+            raise
+        print(f"medtl: {EPHEMERAL_TIMEOUT_MESSAGE} ({timeout} s). The machine is probably busy: "
+              f"raise orchestration.ephemeral_startup_timeout_s in the config or set {STARTUP_TIMEOUT_VARIABLE} "
+              "(seconds), or run against a Prefect server (PREFECT_API_URL) instead of the ephemeral one.",
+              file=sys.stderr)
+        return 1
     print(f"\nPipeline finished in {time.perf_counter() - start:.0f} s")
     print(f"Validation report: {result['html']}")
     return 0

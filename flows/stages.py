@@ -30,7 +30,7 @@ from flows.artifacts import (ADAPT_KEY, FINETUNE_KEY, LOHO_KEY, SELECT_KEY, SITE
                              ranking_rows, site_rows)
 from flows.caching import cached  # noqa: E402
 from flows.runners import task_runner  # noqa: E402
-from medtl import stages  # noqa: E402
+from medtl import deploy, stages  # noqa: E402
 from medtl.config import PipelineConfig, load_config  # noqa: E402
 from medtl.workspace import Workspace  # noqa: E402
 
@@ -132,6 +132,11 @@ def loho_task(config: PipelineConfig) -> dict:
 @task(name="adapt")
 def adapt_task(config: PipelineConfig) -> dict:
     return stages.run_adapt(config.adapt, config.data, _ws(config))
+
+
+@task(name="deploy")
+def deploy_task(config: PipelineConfig) -> dict:
+    return deploy.run_deploy(config, _ws(config))
 
 
 @task(name="evaluation-sites")
@@ -247,10 +252,19 @@ def adapt_flow(config: PipelineConfig | None = None, config_path: str | None = N
     return cached(adapt_task, "adapt", config)(config)
 
 
+@flow(name="medtl-deploy")
+def deploy_flow(config: PipelineConfig | None = None, config_path: str | None = None,
+                overrides: dict | None = None) -> dict:
+    """Name the deployed model (adapt's label-free pick, else the fine-tuned model), set its operating point on the
+    source validation split and estimate the target's prevalence and expected performance without its labels."""
+    config = resolve_config(config, config_path, overrides)
+    return cached(deploy_task, "deploy", config)(config)
+
+
 @flow(name="medtl-evaluate")
 def evaluate_flow(config: PipelineConfig | None = None, config_path: str | None = None,
                   overrides: dict | None = None, dask_address: str | None = None) -> list[dict]:
-    """The fine-tuned model's metrics per hospital, one task per site on the task runner; publishes them as a
+    """The deployed model's metrics per hospital, one task per site on the task runner; publishes them as a
     table artifact.
 
     Args:
@@ -260,7 +274,7 @@ def evaluate_flow(config: PipelineConfig | None = None, config_path: str | None 
     runner = task_runner(config.orchestration, dask_address)
     results = evaluate_sites_flow.with_options(task_runner=runner)(config=config)
     publish_table(SITES_KEY, site_rows(results),
-                  f"medtl per-site metrics of the fine-tuned model ({config.report.confidence:.0%} patient-level "
+                  f"medtl per-site metrics of the deployed model ({config.report.confidence:.0%} patient-level "
                   f"bootstrap CIs, {config.report.n_bootstrap} resamples)")
     return results
 
@@ -285,9 +299,10 @@ def report_flow(config: PipelineConfig | None = None, config_path: str | None = 
     create_link_artifact(key="medtl-validation-report-html", link=f"file://{result['html']}",
                          link_text="full HTML validation report")
     report = json.loads(Path(result["json"]).read_text())
-    summary = _ws(config).adapt / "summary.json"
-    chosen = json.loads(summary.read_text()).get("chosen") if summary.exists() else None
-    publish_table(ADAPT_KEY, adaptation_rows(report, chosen if isinstance(chosen, dict) else None),
-                  f"medtl adaptation to {report['adaptation']['target_hospital']}: target AUC per method with "
-                  "bootstrap CIs and the difference to source-only (target labels used for reporting only)")
+    rows = adaptation_rows(report)
+    if rows:
+        publish_table(ADAPT_KEY, rows,
+                      f"medtl adaptation to {report['adaptation']['target_hospital']}: the deployed model and each "
+                      "method's target AUC with bootstrap CIs and the difference to source-only (target labels used "
+                      "for measuring only; the upper bound is chosen with them)")
     return result

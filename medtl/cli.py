@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-from medtl import stages
+from medtl import deploy, stages
 from medtl.config import ConfigError, PipelineConfig, load_config
 from medtl.workspace import Workspace
 
@@ -35,7 +35,10 @@ COMMANDS = {
                 lambda c, ws: stages.run_fewshot(c.fewshot, c.data, ws)),
     "adapt": ("adapt to the target hospital (source-only / AdaBN / TENT / CORAL / MMD / DANN / OT / pseudo-labels)",
               lambda c, ws: stages.run_adapt(c.adapt, c.data, ws)),
-    "report": ("write the per-hospital HTML validation report",
+    "deploy": ("name the deployed model (adapt's pick, else the fine-tuned one), set its threshold and "
+               "calibration on source validation, estimate the target's prevalence",
+               lambda c, ws: deploy.run_deploy(c, ws)),
+    "report": ("write the per-hospital HTML validation report of the deployed model",
                lambda c, ws: stages.run_report(c, ws)),
     "demo": ("run every stage in order on the embedded cohort",
              lambda c, ws: stages.run_pipeline(c)),

@@ -22,6 +22,29 @@ class StrictModel(BaseModel):
 class HospitalProfile(StrictModel):
     """How one synthetic hospital acquires and stores a chest radiograph."""
 
+    class PositiveAcquisition(StrictModel):
+        """How images *with the finding* are acquired at this hospital, where that differs (each field unset = as
+        the hospital's other images): an acquisition shortcut, like the sick children of the paediatric
+        pneumonia collection imaged on other, smaller matrices, or inpatients imaged AP on a portable unit at the
+        bedside. A model can then read the label off the acquisition instead of the anatomy, which
+        ``medtl.evaluate.shortcut`` detects from the manifest."""
+
+        rows: int | None = Field(None, ge=32, le=4096)
+        columns: int | None = Field(None, ge=32, le=4096)
+        pixel_spacing_mm: float | None = Field(None, gt=0)
+        view_position: Literal["PA", "AP"] | None = None
+        bits_stored: Literal[10, 12, 14, 16] | None = None
+        photometric: Literal["MONOCHROME1", "MONOCHROME2"] | None = None
+        manufacturer: str | None = None
+        model_name: str | None = None
+
+        @model_validator(mode="after")
+        def _not_empty(self) -> HospitalProfile.PositiveAcquisition:
+            if all(getattr(self, name) is None for name in type(self).model_fields):  # changes nothing: a mistake
+                raise ValueError("positive_acquisition sets nothing; give e.g. {rows: 160, columns: 192, "
+                                 "view_position: AP}, or leave it out")
+            return self
+
     name: str
     manufacturer: str
     model_name: str
@@ -38,6 +61,10 @@ class HospitalProfile(StrictModel):
     noise_std: float = Field(0.02, ge=0, description="Gaussian noise, fraction of full scale")
     blur_sigma_px: float = Field(0.0, ge=0)
     prevalence: float = Field(0.5, gt=0, lt=1, description="fraction of labeled images with the finding")
+    view_position: Literal["PA", "AP"] = Field("PA", description="ViewPosition of the chest radiographs")
+    positive_acquisition: PositiveAcquisition | None = Field(
+        None, description="an acquisition shortcut: images with the finding acquired differently (matrix, spacing, "
+                          "view, detector), e.g. {rows: 160, columns: 192, view_position: AP}; None = alike")
     acquisition_shift: str | dict[str, str | float | bool | None] | None = Field(
         None, description="a further acquisition shift through medtl.data.shift (exposure, quantum noise, blur, "
                           "lower resolution, contrast curve, windowing mistakes, inversion, collimation, crop): a "
@@ -284,7 +311,10 @@ class DataConfig(StrictModel):
 
     source_hospitals: list[str] = Field(default_factory=lambda: ["St. Aurelia General Hospital"], min_length=1,
                                         description="hospital names as in the manifest (ingest.site_attribute)")
-    target_hospital: str = "Harbor Valley Medical Center"
+    target_hospital: str | None = Field(
+        "Harbor Valley Medical Center",
+        description="the new hospital to adapt to, from its unlabeled images; null = a single-hospital study (no "
+                    "adaptation: the fine-tuned model is deployed, every other hospital is external)")
     image_size: int = Field(64, ge=16, le=1024, description="model input size (square / cubic)")
     spatial_dims: Literal[2, 3] = 2
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -335,7 +365,11 @@ class PretrainConfig(StrictModel):
                              description="backbone to start from (continued pretraining); null = random init")
     projection_dim: int = Field(128, ge=8)
     temperature: float = Field(0.2, gt=0)
-    hospitals: list[str] | None = Field(None, description="pools to pretrain on; null = every hospital")
+    hospitals: list[str] | None = Field(
+        None, description="hospitals whose images pretraining reads (labels unused); null = the source hospitals "
+                          "and the target hospital. Whatever the list, images that are evaluated (the source "
+                          "hospitals' test split, every labeled image of the other hospitals) are never read, and a "
+                          "hospital listed here is no longer external: the report's data-use table says so")
     knn_every: int = Field(1, ge=1, description="epochs between k-NN accuracy checks on the labeled validation images")
     knn_k: int = Field(20, ge=1, description="neighbours of the k-NN monitor")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, batch_size=64, lr=1e-3))
@@ -472,6 +506,11 @@ class SelectConfig(StrictModel):
                           "candidate. null = off")
     tolerance: float = Field(0.01, ge=0, description="validation mode: the loss of validation AUC against the best "
                                                      "fine-tuned candidate still counted as a good pick")
+    target_aware: bool | None = Field(
+        None, description="also score each candidate on the target hospital's unlabeled images (EnsV over the "
+                          "candidates' source-trained linear probes, and the source-target distance of its "
+                          "features) and rank by the mean of the source and target ranks (medtl.select."
+                          "target_aware); null = on when data.target_hospital is set and has unlabeled images")
 
     @model_validator(mode="after")
     def _validation_fine_tunes_every_candidate(self) -> "SelectConfig":
@@ -508,6 +547,13 @@ class AdaptConfig(StrictModel):
                             "(agreement with the ensemble of all candidates), dev (deep embedded validation), iwcv, "
                             "snd (soft neighbourhood density) or entropy; all five are computed and reported either "
                             "way")
+    label_shift: Literal["none", "bbse", "em"] = Field(
+        "none", description="prior correction of the deployed model at the target hospital: the target's prevalence "
+                            "is estimated from its unlabeled images, by black-box shift estimation (bbse, Lipton et "
+                            "al. 2018) or maximum-likelihood EM on calibrated probabilities (em, Saerens et al. "
+                            "2002; Alexandari et al. 2020), and the deployed probabilities there are re-weighted to "
+                            "it; the operating threshold then reads the corrected probabilities. none = no "
+                            "correction (the report shows both estimates either way)")
     plugin_settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="each loss plugin's own settings, by method, e.g. {pseudo_label: "
         "{threshold: 0.9}, ot: {label_weight: 1.0}, dann: {alpha: 0.5}, mmd: {bandwidths: [0.5, 1, 2]}}; see "
@@ -603,6 +649,13 @@ class ReportConfig(StrictModel):
     shift_images_per_site: int = Field(300, ge=10, description="images per hospital sampled for the shift "
                                                                "diagnostics (seeded)")
     pdf: bool = Field(True, description="also write report.pdf (skipped with a warning when no renderer works)")
+    recalibrate: Literal["none", "temperature", "bcts"] = Field(
+        "none", description="recalibrate the deployed model's probabilities on the source validation split: "
+                            "temperature scaling (Guo et al. 2017) or bias-corrected temperature scaling (bcts, "
+                            "Alexandari et al. 2020, which also corrects a prevalence the probabilities were "
+                            "trained at, e.g. by finetune.class_weight: balanced); the threshold is chosen on the "
+                            "recalibrated probabilities, so decisions do not change. The report shows each site's "
+                            "ECE before and after. none = the network's own probabilities")
     leave_one_hospital_out: bool = Field(
         False, description="the pipeline also runs leave-one-hospital-out (medtl loho): for each hospital with "
                            "labeled images, fine-tune with the finetune section on all the others and test on it; "
@@ -662,6 +715,10 @@ class OrchestrationConfig(StrictModel):
                                                        "tcp://10.0.0.5:8786, one started by dask-jobqueue on Slurm "
                                                        "or by dask-kubernetes); null = a LocalCluster on loopback")
     dask_workers: int = Field(2, ge=1, description="worker processes of the LocalCluster (dask_address unset)")
+    ephemeral_startup_timeout_s: int = Field(
+        180, ge=1, description="seconds `python -m flows.pipeline` waits for Prefect's ephemeral local server to start "
+                               "(Prefect's own default is 20 s, which a busy 2-core node can exceed); the environment "
+                               "variable PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, when set, wins")
     ingest_shards: int = Field(1, ge=1, description="split ingestion into this many shards of files, one task "
                                                     "each, merged into one manifest (2D only; 3D series are "
                                                     "ingested in one piece)")
@@ -689,6 +746,16 @@ class PipelineConfig(StrictModel):
     report: ReportConfig = Field(default_factory=ReportConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _target_needed(self) -> "PipelineConfig":
+        if self.data.target_hospital is None and self.select.target_aware:
+            raise ValueError("select.target_aware scores candidates on the target hospital's unlabeled images, but "
+                             "data.target_hospital is null; set a target hospital or select.target_aware: false")
+        if self.data.target_hospital is None and self.adapt.label_shift != "none":
+            raise ValueError(f"adapt.label_shift {self.adapt.label_shift!r} corrects the deployed model at the target "
+                             "hospital, but data.target_hospital is null; set a target hospital or label_shift: none")
+        return self
 
 
 class ConfigError(ValueError):

@@ -31,9 +31,10 @@ from medtl.data.transforms import eval_transform, ssl_views_transform, train_tra
 from medtl.evaluate.metrics import binary_metrics, youden_threshold
 from medtl.finetune import (L2SP, EarlyStopping, GradualUnfreezing, add_lora, apply_batchnorm_policy, lp_ft,
                             merge_lora, negative_transfer, optimizer_groups, trainable_parameter_report)
-from medtl.models import Backbone, create_backbone, save_backbone
+from medtl.models import Backbone, create_backbone, load_model, save_backbone
 from medtl.models.registry import get_backbone_cfg
 from medtl.select import SCORES, BackboneSelector, validate_selection
+from medtl.select.target_aware import TargetAwareRanker
 from medtl.select.unsupervised import UNSUPERVISED_SCORES, UnsupervisedSelector, per_sample_cross_entropy
 from medtl.ssl import KnnMonitor, build_ssl_objective
 from medtl.train import Objective, Supervised, TaskWithAdaptation, balanced_class_weights, fit
@@ -49,14 +50,16 @@ log = logging.getLogger("medtl")
 
 
 def load_split_manifest(ws: Workspace, data: DataConfig) -> pd.DataFrame:
-    """The ingested manifest with a patient-level ``split`` and each hospital's ``role``."""
+    """The ingested manifest with a patient-level ``split`` and each hospital's ``role``: ``source``, ``target``
+    (``data.target_hospital``; none in a single-hospital study) or ``external`` (every other hospital)."""
     from medtl.ingest import load_manifest
 
     if not ws.manifest.exists():
         raise FileNotFoundError(f"{ws.manifest} not found: run `medtl ingest` (or the ingest flow) first")
     manifest = assign_splits(load_manifest(ws), data.val_fraction, data.test_fraction, data.split_seed)
     hospitals = set(manifest["hospital"])
-    missing = [h for h in [*data.source_hospitals, data.target_hospital] if h not in hospitals]
+    named = [*data.source_hospitals, *([data.target_hospital] if data.target_hospital is not None else [])]
+    missing = [h for h in named if h not in hospitals]
     if missing:
         raise ValueError(f"data: hospital(s) {missing} are not in the manifest, which has {sorted(hospitals)}; "
                          "fix data.source_hospitals / data.target_hospital")
@@ -86,6 +89,43 @@ def _eval_loader(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, batch
 def _train_loader(rows: pd.DataFrame, backbone: Backbone, data: DataConfig, batch_size: int):
     t = train_transform(data.spatial_dims, data.image_size, backbone.cfg.mean, backbone.cfg.std, data.augment)
     return make_loader(_dataset(rows, t), batch_size, shuffle=True, num_workers=data.num_workers, drop_last=True)
+
+
+def images_read(*frames: pd.DataFrame) -> dict[str, int]:
+    """How many distinct images of each hospital a stage read (the union of ``frames``): what each stage records
+    for the report's data-use table.
+
+    Args:
+        frames: manifest rows, with ``hospital`` and ``content_hash``.
+
+    Returns:
+        hospital → number of images, sorted by hospital.
+    """
+    rows = pd.concat(frames, ignore_index=True).drop_duplicates("content_hash")
+    return {str(h): int(n) for h, n in rows.groupby("hospital", sort=True).size().items()}
+
+
+def pretraining_rows(manifest: pd.DataFrame, data: DataConfig, hospitals: list[str] | None) -> pd.DataFrame:
+    """The images self-supervised pretraining may read: of ``hospitals`` (default: the source hospitals and the
+    target), every image that is not evaluated (:func:`evaluation_rows`), so no evaluated image and, by default,
+    no external hospital's image is ever seen, not even without its label.
+
+    Args:
+        manifest: the split manifest (with ``role``).
+        data: names the source and target hospitals.
+        hospitals: ``pretrain.hospitals``, or None for the default.
+
+    Raises:
+        ValueError: naming a listed hospital that is not in the manifest.
+    """
+    if hospitals is None:
+        hospitals = [*data.source_hospitals, *([data.target_hospital] if data.target_hospital is not None else [])]
+    unknown = sorted(set(hospitals) - set(manifest["hospital"]))
+    if unknown:
+        raise ValueError(f"pretrain.hospitals {unknown} are not in the manifest, which has "
+                         f"{sorted(set(manifest['hospital']))}; fix pretrain.hospitals (null = source + target)")
+    pool = manifest.drop(index=evaluation_rows(manifest).index)
+    return pool[pool["hospital"].isin(hospitals)]
 
 
 def data_hash(rows: pd.DataFrame) -> str:
@@ -202,11 +242,9 @@ def run_ingest_merge(cfg: IngestConfig, ws: Workspace) -> dict:
 
 @tracking.stage("pretrain")
 def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
-    """Self-supervised pretraining on every non-test image (labels unused); exports ``<arch>.ssl``."""
+    """Self-supervised pretraining (labels unused) on :func:`pretraining_rows`; exports ``<arch>.ssl``."""
     manifest = load_split_manifest(ws, data)
-    rows = manifest[manifest["split"] != "test"]
-    if cfg.hospitals is not None:
-        rows = rows[rows["hospital"].isin(cfg.hospitals)]
+    rows = pretraining_rows(manifest, data, cfg.hospitals)
     init = cfg.init or f"{cfg.arch}.scratch"
     if init.split(".")[0] != cfg.arch:
         raise ValueError(f"pretrain.init {init!r} is not a {cfg.arch!r} backbone; make pretrain.arch match it")
@@ -229,6 +267,7 @@ def run_pretrain(cfg: PretrainConfig, data: DataConfig, ws: Workspace) -> dict:
     card = {
         "method": cfg.method, "init": init, "epochs": cfg.train.epochs,
         "n_images": len(rows), "hospitals": sorted(rows["hospital"].unique()), "data_sha256": digest,
+        "images_read": images_read(rows),
         "seed": cfg.train.seed, "config": cfg.model_dump(mode="json"), "views": input_settings(data),
         "knn_curve": knn_curve,
         "history": result.history,
@@ -265,11 +304,21 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
     manifest = load_split_manifest(ws, data)
     rows = manifest[(manifest["role"] == "source") & manifest["split"].isin(["train", "val"])]
     y = rows["label"].astype(int).to_numpy()
-    features, source_probabilities, skipped, feature_seconds = {}, {}, {}, {}
+    target_rows = manifest[(manifest["role"] == "target") & (manifest["split"] == "unlabeled")]
+    # by default whenever there is a target to look at: a target without unlabeled images cannot be adapted to either
+    target_aware = cfg.target_aware if cfg.target_aware is not None else len(target_rows) > 0
+    if target_aware and len(target_rows) == 0:
+        raise ValueError(f"select.target_aware needs unlabeled images of the target hospital "
+                         f"{data.target_hospital!r}, and the manifest has none; set select.target_aware: false")
+    features, target_features, source_probabilities, skipped, feature_seconds = {}, {}, {}, {}, {}
     for name in cfg.candidates:
         try:
             source_classes = get_backbone_cfg(name, ws.weights).pretrained_classes
-            backbone = create_backbone(name, num_classes=source_classes, weights_dir=ws.weights)
+            # a scratch candidate's random weights, and so its scores, are the same on every run; the caller's
+            # random state is left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                backbone = create_backbone(name, num_classes=source_classes, weights_dir=ws.weights)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("select: skipping %s: %s", name, exc)
             skipped[name] = str(exc)
@@ -279,16 +328,42 @@ def run_select(cfg: SelectConfig, data: DataConfig, ws: Workspace) -> dict:
         feature_seconds[name] = time.perf_counter() - start
         if probabilities is not None:
             source_probabilities[name] = probabilities
+        if target_aware:
+            target_features[name] = embed_with_source_head(backbone, _eval_loader(target_rows, backbone, data))[0]
+    groups = rows["patient_id"].to_numpy()
     selector = BackboneSelector(rank_by=cfg.rank_by, cv_folds=cfg.cv_folds).fit(
-        features, y, rows["patient_id"].to_numpy(), source_probabilities=source_probabilities)
-    ranking = [{"backbone": name, **{score: _finite_or_none(row[score]) for score in SCORES},
-                "rank": int(row["rank"]), "chosen": name == selector.best_}
-               for name, row in selector.scores_.iterrows()]
+        features, y, groups, source_probabilities=source_probabilities)
+    ranking = {name: {"backbone": name, **{score: _finite_or_none(row[score]) for score in SCORES},
+                      "rank": int(row["rank"])} for name, row in selector.scores_.iterrows()}
+    best, target_block = selector.best_, None
+    if target_aware:
+        ranker = TargetAwareRanker(cv_folds=cfg.cv_folds).fit(selector.scores_[cfg.rank_by], features, y,
+                                                              target_features, groups)
+        for name, row in ranker.scores_.iterrows():  # the combined order: rank = its position
+            target = ranker.target_scores_.loc[name]
+            ranking[name].update(source_rank=int(selector.scores_.loc[name, "rank"]),
+                                 target_ensv=_finite_or_none(target[ranker.scorer]),
+                                 target_divergence=_finite_or_none(target["divergence"]),
+                                 target_rank=_finite_or_none(row["target_rank"]), rank=int(row["rank"]))
+        ranking = {name: ranking[name] for name in ranker.ranking_}
+        best = ranker.best_
+        target_block = {"target_hospital": data.target_hospital, "target_images": len(target_rows),
+                        "scorer": ranker.scorer, "source_weight": ranker.source_weight,
+                        "source_only_best": selector.best_, "not_scored": ranker.nan_reasons_,
+                        "divergence_used": ranker.divergence_used_,
+                        "rule": f"rank = mean of the source rank (by {cfg.rank_by}) and the target rank (the rank by "
+                                "EnsV of the candidates' source-trained linear probes on the target's unlabeled images"
+                                + (", averaged with the rank by the proxy A-distance between source and target "
+                                   "features, lower = better)" if ranker.divergence_used_ else
+                                   "; the proxy A-distance between source and target features is about the same for "
+                                   "every candidate here, so it does not rank)")}
+    ranking = [{**row, "chosen": name == best} for name, row in ranking.items()]
     seconds = {name: {score: _finite_or_none(row[score]) for score in SCORES}
                for name, row in selector.seconds_.iterrows()}
-    payload = {"rank_by": cfg.rank_by, "best": selector.best_, "ranking": ranking, "score_seconds": seconds,
+    payload = {"rank_by": cfg.rank_by, "best": best, "ranking": ranking, "score_seconds": seconds,
                "feature_seconds": feature_seconds, "not_scored": selector.nan_reasons_, "skipped": skipped,
-               "n_images": len(rows), "n_positive": int(y.sum())}
+               "n_images": len(rows), "n_positive": int(y.sum()), "target_aware": target_block,
+               "images_read": images_read(rows, *([target_rows] if target_aware else []))}
     if cfg.validation is not None:
         payload["validation"] = _validate_selection(cfg, selector, feature_seconds, data, manifest, ws)
         _write_json(ws.select / "validation.json", payload["validation"])
@@ -405,11 +480,13 @@ def run_finetune(cfg: FinetuneConfig, data: DataConfig, ws: Workspace) -> dict:
             "best_val_auc": best_auc, "best_epoch": best_epoch, "val_auc": _finite_or_none(kept.val_auc),
             "early_stopping": transfer.early_stopping, "negative_transfer": gate,
             "train_images": len(train_rows), "val_images": len(val_rows),
+            "images_read": images_read(train_rows, val_rows),
             "threshold": youden_threshold(y_val, kept.val_prob),
             "threshold_source": f"Youden index of the saved model on the source validation split ({len(val_rows)} "
                                 "images)",
             "history": transfer.history, "seconds": transfer.seconds}
     _save_model(kept.model, ws.finetune / "model", card)
+    card = json.loads((ws.finetune / "model.json").read_text())  # as saved: with the network's header and hash
     tracking.log_model(ws.finetune / "model.safetensors", ws.finetune / "model.json")
     _write_parquet(_predict_all(kept.model, evaluation_rows(manifest), data, "finetuned"),
                    ws.finetune / "predictions.parquet")
@@ -473,7 +550,10 @@ def run_leave_one_hospital_out(cfg: FinetuneConfig, data: DataConfig, ws: Worksp
                  held_out[hospital]["train_images"], ", ".join(held_out[hospital]["train_hospitals"]),
                  metrics["auc"]["value"])
     _write_parquet(pd.concat(predictions, ignore_index=True), ws.loho / "predictions.parquet")
-    summary = {"backbone": name, "strategy": cfg.strategy, "confidence": confidence, "held_out": held_out}
+    trained_on = labeled[labeled["split"].isin(["train", "val"])]
+    summary = {"backbone": name, "strategy": cfg.strategy, "confidence": confidence, "held_out": held_out,
+               # every hospital's training images, each read by the models that left another hospital out
+               "images_read": images_read(trained_on)}
     _write_json(ws.loho / "summary.json", summary)
     return summary
 
@@ -845,20 +925,23 @@ def _negative_transfer_gate(cfg: FinetuneConfig, data: DataConfig, transfer: _Tr
     return gate, scratch
 
 
-def _save_model(model: Backbone, stem: Path, card: dict) -> None:
-    atomic_save_tensors(model.state_dict(), stem.with_suffix(".safetensors"), {"medtl_card": json.dumps(card)})
-    _write_json(stem.with_suffix(".json"), card)
+def _save_model(model: Backbone, stem: Path, card: dict) -> Path:
+    """``model`` as every medtl model is stored (:func:`medtl.models.save_backbone`: the network in the file's
+    header, so :func:`medtl.models.load_model` rebuilds it from the file alone), with ``card`` beside it.
+
+    The card's ``arch`` and ``num_classes``, when given, must be the model's: the header records them."""
+    for key in ("arch", "num_classes"):
+        if key in card and card[key] != {"arch": model.cfg.arch, "num_classes": model.num_classes}[key]:
+            raise ValueError(f"card {key} {card[key]!r} does not describe the model being saved")
+    return save_backbone(model, stem, {k: v for k, v in card.items() if k not in ("arch", "num_classes")})
 
 
 def load_finetuned(ws: Workspace) -> tuple[Backbone, dict]:
-    """The fine-tuned model and its card, from ``ws.finetune``."""
-    stem = ws.finetune / "model"
-    if not stem.with_suffix(".safetensors").exists():
-        raise FileNotFoundError(f"{stem}.safetensors not found: run `medtl finetune` first")
-    card = json.loads(stem.with_suffix(".json").read_text())
-    model = create_backbone(card["backbone"], num_classes=card["num_classes"], weights_dir=ws.weights)
-    model.load_state_dict(load_tensors(stem.with_suffix(".safetensors")))
-    return model.eval(), card
+    """The fine-tuned model and its card, from ``ws.finetune`` (the file alone: no other weights needed)."""
+    path = ws.finetune / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `medtl finetune` first")
+    return load_model(path)
 
 
 SELECTION_NOTE = ("The unsupervised scorers see only the target hospital's unlabeled images and the source hospitals' "
@@ -914,6 +997,7 @@ class _CandidateEvaluator:
         self.device = device
         # one loader, built (and its images cached) once for the whole stage: per candidate, one pass
         self.loader = _eval_loader(pd.concat([target_unlabeled, source_val, target_labeled]), model, data)
+        self.source_val = source_val
         self.n_target, self.n_source_val = len(target_unlabeled), len(source_val)
         self.y_source_val = source_val["label"].astype(int).to_numpy()
         self.n_target_labeled = len(target_labeled)
@@ -1198,6 +1282,9 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     """
     from medtl.ingest.folder import file_sha256
 
+    if data.target_hospital is None:
+        raise ValueError("adapt adapts to a target hospital, and data.target_hospital is null (a single-hospital "
+                         "study): set data.target_hospital, or skip this stage (the fine-tuned model is deployed)")
     manifest = load_split_manifest(ws, data)
     base, card = load_finetuned(ws)
     source = manifest[(manifest["role"] == "source") & (manifest["split"] == "train")]
@@ -1267,101 +1354,133 @@ def run_adapt(cfg: AdaptConfig, data: DataConfig, ws: Workspace) -> dict:
     target_auc = {m: binary_metrics(g["label"].to_numpy(), g["prob"].to_numpy(), n_bootstrap=0)["auc"]["value"]
                   for m, g in frame[frame["role"] == "target"].groupby("model")}
 
-    selection = select_adapted(candidates, cfg.selection_scorer, seed=cfg.train.seed, not_evaluated=not_evaluated,
-                               oracle_unavailable=evaluate.oracle_unavailable)
-    selection["target_hospital"] = data.target_hospital
+    scorer, fallback = cfg.selection_scorer, None
+    try:
+        selection = select_adapted(candidates, scorer, seed=cfg.train.seed, not_evaluated=not_evaluated,
+                                   oracle_unavailable=evaluate.oracle_unavailable)
+    except ValueError as exc:
+        if scorer == "ensv":
+            raise
+        # ensv needs only the candidates' target predictions, which every candidate has: the stage still deploys
+        # a label-free pick, and says which scorer made it and why
+        fallback = f"{scorer} could not rank the candidates ({exc}); ensv chose instead"
+        log.warning("adapt: %s", fallback)
+        scorer = "ensv"
+        selection = select_adapted(candidates, scorer, seed=cfg.train.seed, not_evaluated=not_evaluated,
+                                   oracle_unavailable=evaluate.oracle_unavailable)
+    selection.update(target_hospital=data.target_hospital, fallback=fallback, base_sha256=trained_on["base"])
     selection["inputs"]["target_labeled_images"] = evaluate.n_target_labeled
     chosen = next(c for c in candidates if c.name == selection["chosen"]["candidate"])
-    atomic_save_tensors(load_tensors(chosen.weights), ws.adapt / "chosen.safetensors",
-                        {"method": chosen.method, "epoch": json.dumps(chosen.epoch), "scorer": cfg.selection_scorer,
-                         "score": repr(selection["chosen"]["score"]), "backbone": card["backbone"],
-                         "num_classes": str(card["num_classes"])})
+    chosen_model = copy.deepcopy(base)
+    chosen_model.load_state_dict(load_tensors(chosen.weights))
+    _save_model(chosen_model, ws.adapt / "chosen", {
+        "candidate": chosen.name, "method": chosen.method, "epoch": chosen.epoch, "scorer": scorer,
+        "score": selection["chosen"]["score"], "fallback": fallback, "backbone": card["backbone"],
+        "adapted_from": {"file": "finetune/model.safetensors", "sha256": trained_on["base"]},
+        "target_hospital": data.target_hospital, "created_at": datetime.now(timezone.utc).isoformat(),
+        "medtl_version": medtl.__version__})
     _write_json(ws.adapt / "selection.json", selection)
     # what the label-free scorers that read predictions only (ensv, entropy, snd) saw, so a pick over another
     # pool, e.g. a subset of the runs, can be recomputed without inference
     atomic_save_tensors({c.name: torch.from_numpy(np.ascontiguousarray(c.arrays["target_probabilities"]))
                          for c in candidates}, ws.adapt / "target_probabilities.safetensors",
                         {"note": "candidate name -> (N_target_unlabeled, C) probabilities, in manifest order"})
-    short = {"scorer": cfg.selection_scorer,
+    short = {"scorer": scorer, "fallback": fallback,
              "chosen": {k: selection["chosen"][k] for k in ("method", "epoch", "scorer")},
              "picks": {s: {k: p.get(k) for k in ("method", "epoch", "target_auc")}
                        for s, p in selection["picks"].items()},
              "oracle": {k: selection["oracle"][k] for k in ("method", "epoch", "target_auc")},
              "n_candidates": len(candidates), "file": "selection.json"}
+    target_labeled = manifest[(manifest["role"] == "target") & manifest["label"].notna()]
     _write_json(ws.adapt / "summary.json", {"target_hospital": data.target_hospital,
                                             "methods": [run for run, _, _ in runs],
                                             "reg": cfg.reg, "target_auc": target_auc, "details": summary,
-                                            "chosen": short["chosen"], "selection": short})
+                                            "chosen": short["chosen"], "selection": short,
+                                            "base_sha256": trained_on["base"],
+                                            # training and label-free selection; the oracle's reads are apart
+                                            "images_read": images_read(source, evaluate.source_val, target),
+                                            "oracle_images_read": images_read(target_labeled)})
     tracking.log_model(ws.adapt / "chosen.safetensors", ws.adapt / "selection.json", ws.adapt / "summary.json")
     log.info("adapt: target AUC %s", ", ".join(f"{m}={a:.3f}" for m, a in target_auc.items()))
     log.info("adapt: unsupervised picks %s; chosen %s by %s; oracle (uses target labels, reporting only) %s",
              ", ".join(f"{s}={p['candidate']}" for s, p in selection["picks"].items()),
-             selection["chosen"]["candidate"], cfg.selection_scorer, selection["oracle"]["candidate"])
+             selection["chosen"]["candidate"], scorer, selection["oracle"]["candidate"])
     return {"target_hospital": data.target_hospital, "target_auc": target_auc, "chosen": short["chosen"],
             "selection": short}
 
 
 def load_adapted(ws: Workspace) -> tuple[Backbone, dict]:
-    """The adaptation stage's chosen model (``adapt/chosen.safetensors``) and what selection says of it.
+    """The adaptation stage's chosen model (``adapt/chosen.safetensors``, loadable on its own like every medtl
+    model) and what selection says of it.
 
     Args:
         ws: a workspace where :func:`run_adapt` ran.
 
     Returns:
-        The model in eval mode and ``{"method", "epoch", "scorer", "score", "backbone", "num_classes"}``.
+        The model in eval mode and its card: ``candidate``, ``method``, ``epoch``, ``scorer``, ``score``,
+        ``fallback``, ``backbone``, ``num_classes``, ``adapted_from`` ``{file, sha256}``, ...
     """
     path = ws.adapt / "chosen.safetensors"
-    meta = _tensor_metadata(path)
-    if "backbone" not in meta:
-        raise FileNotFoundError(f"{path} not found or not written by run_adapt: run `medtl adapt` first")
-    info = {"method": meta["method"], "epoch": json.loads(meta["epoch"]), "scorer": meta["scorer"],
-            "score": float(meta["score"]), "backbone": meta["backbone"], "num_classes": int(meta["num_classes"])}
-    model = create_backbone(info["backbone"], num_classes=info["num_classes"], weights_dir=ws.weights)
-    model.load_state_dict(load_tensors(path))
-    return model.eval(), info
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `medtl adapt` first")
+    return load_model(path)
 
 
 @tracking.stage("report")
 def run_report(config: PipelineConfig, ws: Workspace) -> dict:
-    """Validation report (HTML, PDF and JSON) from the fine-tune and adapt stages' predictions and the workspace.
+    """Validation report (HTML, PDF and JSON) of the deployed model (:mod:`medtl.deploy`), with the fine-tuned
+    model before adaptation and every adaptation run as comparison rows.
 
-    The context comes from the manifest (cohort, content hashes, image statistics for the shift diagnostics,
-    failure-example arrays), the ingest ledger, the select ranking, the fine-tune card (with its
-    negative-transfer block), the adapt summary and ``config.report`` (intended use, site limitations). When
-    ``loho/summary.json`` exists (the pipeline with ``report.leave_one_hospital_out``, or ``medtl loho``), the
-    report also has its leave-one-hospital-out section.
+    The context comes from the manifest (cohort, content hashes, image statistics for the shift diagnostics, the
+    acquisition fields of the shortcut audit, failure-example arrays), the ingest ledger, the select ranking, the
+    fine-tune card (with its negative-transfer block), the adapt summary when adaptation built the deployed model,
+    ``deploy/`` (the deployed model's card, predictions and label-free analyses), what every stage recorded it
+    read (the data-use table) and ``config.report`` (intended use, site limitations). When ``deploy/`` is missing
+    or out of date (:func:`medtl.deploy.is_current`: another trained model, manifest or setting), the deploy step
+    runs first, so the report always describes the model that is deployed. When ``loho/summary.json`` exists (the
+    pipeline with ``report.leave_one_hospital_out``, or ``medtl loho``), the report also has its
+    leave-one-hospital-out section. Sections whose stage did not run (adaptation in a single-hospital study) say so.
     """
+    from medtl import deploy
     from medtl.evaluate.report import build_report
+    from medtl.evaluate.shortcut import shortcut_audit
 
     data = config.data
     manifest = load_split_manifest(ws, data)
-    parts = [p for p in (ws.finetune / "predictions.parquet", ws.adapt / "predictions.parquet") if p.exists()]
-    if not parts:
-        raise FileNotFoundError(f"no predictions in {ws.finetune} or {ws.adapt}: run finetune (and adapt) first")
+    if not deploy.is_current(config, ws):
+        log.info("report: deploy/ is missing or does not describe the current models and settings; deploying first")
+        deploy.run_deploy(config, ws)
+    deployed = json.loads((ws.deploy / "model.json").read_text())
+    adapted = deployed["origin"]["stage"] == "adapt"
+    parts = [ws.deploy / "predictions.parquet", ws.finetune / "predictions.parquet",
+             *([ws.adapt / "predictions.parquet"] if adapted else [])]
     predictions = _with_image_columns(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
                                       evaluation_rows(manifest))
     predicted_models = set(predictions["model"])
     card = json.loads((ws.finetune / "model.json").read_text())
     ranking = json.loads((ws.select / "ranking.json").read_text()) if (ws.select / "ranking.json").exists() else {}
-    selection_note, selection_rows = _adapt_selection(ws)
+    analysis = json.loads((ws.deploy / "analysis.json").read_text())
     context = {
         "title": config.report.title,
         "intended_use": config.report.intended_use,
-        "primary_model": "finetuned",
-        "threshold": card["threshold"],
-        "threshold_source": card["threshold_source"],
+        "primary_model": deploy.MODEL_NAME,
+        "comparison_model": deploy.COMPARISON_MODEL,
+        "threshold": deployed["threshold"],
+        "threshold_source": deployed["threshold_source"],
+        "deployed": {k: deployed[k] for k in ("origin", "backbone", "calibration", "label_shift", "sha256")}
+                    | {"file": "deploy/model.safetensors"},
         "cohort": _cohort_table(manifest),
         "ingest": _ingest_accounting(ws),
         "backbone_ranking": ranking.get("ranking", []),
-        "finetune": {k: v for k, v in card.items() if k not in ("history", "threshold_source")},
-        "adaptation": {"target_hospital": data.target_hospital,
-                       "methods": [run for run, _, _ in adaptation_runs(config.adapt) if run in predicted_models],
-                       "notes": [f"Every trained method continues from the fine-tuned model for "
-                                 f"{config.adapt.train.epochs} epochs on source labels plus unlabeled "
-                                 f"{data.target_hospital} images (reg={config.adapt.reg}); source_only uses the "
-                                 "zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics.",
-                                 *selection_note],
-                       "selection": selection_rows},
+        "backbone_selection": {k: ranking.get(k) for k in ("rank_by", "best", "target_aware")},
+        # the card without its history and what only a machine needs (the header that rebuilds the network)
+        "finetune": {k: v for k, v in card.items() if k not in _CARD_KEYS_NOT_SHOWN},
+        "adaptation": _adaptation_context(config, ws, adapted, predicted_models, deployed),
+        "data_use": _data_use(config, ws, manifest, deployed),
+        "prevalence": analysis["prevalence"],
+        "performance_estimates": analysis["performance_estimates"],
+        "shortcut_audit": shortcut_audit(manifest, n_bootstrap=config.report.n_bootstrap,
+                                         confidence=config.report.confidence, pooled=list(data.source_hospitals)),
         "shift_diagnostics": _shift_context(manifest, data, config.report.shift_images_per_site),
         "limitations": [*_limitations(config, manifest), *config.report.limitations],
         "provenance": _report_provenance(config, ws, manifest),
@@ -1377,8 +1496,85 @@ def run_report(config: PipelineConfig, ws: Workspace) -> dict:
             "pdf": str(result.pdf_path) if result.pdf_path else None, "summary_markdown": result.summary_markdown}
 
 
+_CARD_KEYS_NOT_SHOWN = frozenset({"history", "threshold_source", "model", "in_chans", "spatial_dims", "mean", "std",
+                                  "name", "weights", "license", "description", "images_read"})
+
+
+def _adaptation_context(config: PipelineConfig, ws: Workspace, adapted: bool, predicted_models: set[str],
+                        deployed: dict) -> dict:
+    """The report's adaptation block: the runs, how the deployed one was chosen; ``ran: false`` with the reason
+    when adaptation did not build the deployed model."""
+    target = config.data.target_hospital
+    if not adapted:
+        reason = "; ".join(deployed["origin"]["notes"]) or "adaptation did not run"
+        return {"ran": False, "target_hospital": target, "methods": [], "reason": reason}
+    selection_note, selection_rows = _adapt_selection(ws)
+    return {"ran": True, "target_hospital": target,
+            "methods": [run for run, _, _ in adaptation_runs(config.adapt) if run in predicted_models],
+            "deployed_candidate": deployed["origin"].get("candidate"),
+            "notes": [f"Every trained method continues from the fine-tuned model for {config.adapt.train.epochs} "
+                      f"epochs on source labels plus unlabeled {target} images (reg={config.adapt.reg}); source_only "
+                      "uses the zero plugin with the same budget; AdaBN only re-estimates BatchNorm statistics.",
+                      *selection_note],
+            "selection": selection_rows}
+
+
+# the data-use table's columns: stage → (what the report calls it, its column heading, the file and the key
+# holding its reads)
+_DATA_USE = {
+    "ssl": ("self-supervised pretraining", "SSL", ("pretrain", "card.json"), ("images_read",)),
+    "selection": ("backbone selection", "selection", ("select", "ranking.json"), ("images_read",)),
+    "finetuning": ("fine-tuning", "fine-tuning", ("finetune", "model.json"), ("images_read",)),
+    "adaptation": ("adaptation", "adaptation", ("adapt", "summary.json"), ("images_read",)),
+    "threshold": ("threshold and calibration", "threshold", ("deploy", "model.json"),
+                  ("images_read", "threshold_and_calibration")),
+    "prevalence": ("target prevalence and label-free estimates", "prevalence", ("deploy", "model.json"),
+                   ("images_read", "target_unlabeled")),
+    "evaluation": ("evaluation", "evaluation", ("deploy", "model.json"), ("images_read", "evaluation")),
+    "loho": ("leave-one-hospital-out (separate models)", "LOHO", ("loho", "summary.json"), ("images_read",)),
+}
+
+
+def _data_use(config: PipelineConfig, ws: Workspace, manifest: pd.DataFrame, deployed: dict) -> dict:
+    """For each hospital, how many of its images each stage read, from what each stage recorded; a stage that did
+    not run (or did not build the deployed model) is ``None``."""
+    # SSL counts when its backbone was a candidate (its features were ranked) or is the deployed model's start
+    built_deployed = {"ssl": f"{config.pretrain.arch}.ssl" in config.select.candidates
+                      or str(deployed.get("backbone") or "").endswith(".ssl"),
+                      "adaptation": deployed["origin"]["stage"] == "adapt"}
+    stages, notes = {}, []
+    for key, (label, heading, (folder, name), path) in _DATA_USE.items():
+        file = getattr(ws, folder) / name
+        if not built_deployed.get(key, True) or not file.exists():
+            stages[key] = {"label": label, "heading": heading, "ran": False, "images": {}}
+            continue
+        value = json.loads(file.read_text())
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        stages[key] = {"label": label, "heading": heading, "ran": value is not None, "images": value or {},
+                       **({} if value is not None else {"note": f"{file.name} records no images_read (written by an "
+                                                                "older medtl): re-run the stage"})}
+    if stages["adaptation"]["ran"]:
+        oracle = json.loads((ws.adapt / "summary.json").read_text()).get("oracle_images_read") or {}
+        if oracle:
+            notes.append("The adapt stage also scored its candidates on the target's labeled images ("
+                         + ", ".join(f"{h}: {n}" for h, n in oracle.items()) + ") to report the oracle row; no "
+                         "label-free pick reads them.")
+    if stages["ssl"]["ran"]:
+        notes.append(f"Self-supervised pretraining reads images without their labels; the deployed model starts from "
+                     f"{deployed.get('backbone')}.")
+    roles = manifest.groupby("hospital")["role"].first().to_dict()
+    order = ("source", "target", "external")  # the report's order of hospitals
+    rows = [{"hospital": h, "role": roles[h], "images": int(n),
+             "read": {k: int(v["images"].get(h, 0)) if v["ran"] else None for k, v in stages.items()}}
+            for h, n in sorted(manifest.groupby("hospital").size().items(), key=lambda hn: (order.index(roles[hn[0]]),
+                                                                                           hn[0]))]
+    return {"stages": {k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in stages.items()},
+            "hospitals": rows, "notes": notes}
+
+
 def evaluation_sites(ws: Workspace) -> list[str]:
-    """The hospitals the fine-tuned model was evaluated at (``finetune/predictions.parquet``), sorted.
+    """The hospitals the deployed model was evaluated at (``deploy/predictions.parquet``), sorted.
 
     Args:
         ws: the run's workspace.
@@ -1386,20 +1582,19 @@ def evaluation_sites(ws: Workspace) -> list[str]:
     Returns:
         Hospital names as the manifest has them.
     """
-    path = ws.finetune / "predictions.parquet"
+    path = ws.deploy / "predictions.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run finetune first")
-    predictions = pd.read_parquet(path, columns=["model", "hospital"])
-    return sorted(predictions.loc[predictions["model"] == "finetuned", "hospital"].astype(str).unique())
+        raise FileNotFoundError(f"{path} not found: run `medtl deploy` first")
+    return sorted(pd.read_parquet(path, columns=["hospital"])["hospital"].astype(str).unique())
 
 
 def run_evaluate_site(cfg: ReportConfig, ws: Workspace, hospital: str) -> dict:
-    """The fine-tuned model's metrics at one hospital, with the report's patient-level bootstrap CIs, written to
+    """The deployed model's metrics at one hospital, with the report's patient-level bootstrap CIs, written to
     ``evaluate/<hospital>.json``: equal to that hospital's ``per_hospital`` entry of ``report.json``.
 
     Args:
         cfg: the ``report`` section (bootstrap size, confidence level, calibration bins).
-        ws: the run's workspace (reads ``finetune/predictions.parquet`` and the threshold in ``model.json``).
+        ws: the run's workspace (reads ``deploy/predictions.parquet`` and the threshold in ``deploy/model.json``).
         hospital: one of :func:`evaluation_sites`.
 
     Returns:
@@ -1408,13 +1603,13 @@ def run_evaluate_site(cfg: ReportConfig, ws: Workspace, hospital: str) -> dict:
     """
     from medtl.evaluate.report import site_metrics
 
-    predictions = pd.read_parquet(ws.finetune / "predictions.parquet")
-    rows = predictions[(predictions["model"] == "finetuned") & (predictions["hospital"].astype(str) == hospital)]
+    predictions = pd.read_parquet(ws.deploy / "predictions.parquet")
+    rows = predictions[predictions["hospital"].astype(str) == hospital]
     if len(rows) == 0:
-        raise ValueError(f"no predictions of the fine-tuned model at {hospital!r}; evaluated hospitals: "
+        raise ValueError(f"no predictions of the deployed model at {hospital!r}; evaluated hospitals: "
                          f"{evaluation_sites(ws)}")
-    threshold = float(json.loads((ws.finetune / "model.json").read_text())["threshold"])
-    payload = {"hospital": hospital, "model": "finetuned", "threshold": threshold,
+    threshold = float(json.loads((ws.deploy / "model.json").read_text())["threshold"])
+    payload = {"hospital": hospital, "model": "deployed", "threshold": threshold,
                "metrics": site_metrics(rows, threshold, cfg)}
     # a readable name that stays unique when two hospitals differ only in characters a file name cannot hold
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in hospital)[:60]
@@ -1611,5 +1806,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
         if config.report.leave_one_hospital_out:
             run_leave_one_hospital_out(config.finetune, config.data, ws, config.report.n_bootstrap,
                                        config.report.confidence)
-        run_adapt(config.adapt, config.data, ws)
+        if config.data.target_hospital is not None:  # a single-hospital study has no hospital to adapt to
+            run_adapt(config.adapt, config.data, ws)
+        from medtl.deploy import run_deploy
+
+        run_deploy(config, ws)
         return run_report(config, ws)

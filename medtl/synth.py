@@ -3,7 +3,9 @@
 Every hospital in :class:`~medtl.config.SynthConfig` gets its own acquisition profile, both in the
 headers (vendor, photometric interpretation, bit depth, rescale, pixel spacing) and in the pixels
 (intensity curve, contrast, noise, blur, matrix size), so that models trained at one site see a real
-domain shift at another. Images carry realistic fake PHI for de-identification to remove, and a few
+domain shift at another. A hospital may also acquire its images *with the finding* differently
+(``HospitalProfile.positive_acquisition``: another matrix, view or detector), an acquisition shortcut for
+:mod:`medtl.evaluate.shortcut` to find. Images carry realistic fake PHI for de-identification to remove, and a few
 broken files and one exact duplicate are planted so that ingestion's quarantine and accounting are
 exercised.
 
@@ -445,6 +447,33 @@ def _uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=["medtl-synth", *map(str, parts)]))
 
 
+def acquisition_profile(profile: HospitalProfile, finding: bool) -> HospitalProfile:
+    """The profile an image is acquired with: the hospital's, or for an image with the finding at a hospital with
+    ``positive_acquisition``, the hospital's with those fields replaced.
+
+    Args:
+        profile: the hospital.
+        finding: whether the image shows the finding.
+
+    Returns:
+        ``profile`` itself when nothing differs (so every other image renders exactly as before), else a copy.
+
+    Examples:
+        >>> h = HospitalProfile(name="a", manufacturer="m", model_name="x", institution="i",
+        ...                     positive_acquisition={"rows": 160, "columns": 192, "view_position": "AP"})
+        >>> p = acquisition_profile(h, finding=True)
+        >>> (p.rows, p.columns, p.view_position), acquisition_profile(h, finding=False) is h
+        ((160, 192, 'AP'), True)
+    """
+    if not finding or profile.positive_acquisition is None:
+        return profile
+    changes = {name: value for name, value in profile.positive_acquisition.model_dump().items() if value is not None}
+    return profile.model_copy(update={**changes, "positive_acquisition": None})
+
+
+_SERIES_DESCRIPTION = {"PA": "PA ERECT", "AP": "AP PORTABLE"}
+
+
 def build_dataset(profile: HospitalProfile, site: Site, patient: Patient, stored: np.ndarray,
                   study_date: dt.date, rng: np.random.Generator, uid_key: tuple) -> Dataset:
     """Assemble the DICOM dataset (with file meta) of one image.
@@ -490,8 +519,8 @@ def build_dataset(profile: HospitalProfile, site: Site, patient: Patient, stored
     ds.InstitutionAddress = site.address
     ds.ReferringPhysicianName = f"{ref_last}^{ref_first}^^^Dr."
     ds.StationName = site.station
-    ds.StudyDescription = "CHEST PA"
-    ds.SeriesDescription = "PA ERECT"
+    ds.StudyDescription = f"CHEST {profile.view_position}"
+    ds.SeriesDescription = _SERIES_DESCRIPTION[profile.view_position]
     ds.OperatorsName = f"{op_last}^{op_first}"
     ds.ManufacturerModelName = profile.model_name
     ds.PatientName = patient.name
@@ -504,7 +533,7 @@ def build_dataset(profile: HospitalProfile, site: Site, patient: Patient, stored
     ds.PatientTelephoneNumbers = patient.phone
     ds.BodyPartExamined = "CHEST"
     ds.DeviceSerialNumber = site.serial
-    ds.ViewPosition = "PA"
+    ds.ViewPosition = profile.view_position
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = f"{rng.integers(1000, 99999)}"
@@ -633,10 +662,12 @@ def _render_file(cfg: SynthConfig, task: _Task) -> bytes:
     rng = _rng(cfg.seed, _STREAM_IMAGE, task.h_index, task.role_index, task.index)
     if visit:
         anatomy = jitter_anatomy(anatomy, rng)
-    rows = int(round(profile.rows * rng.uniform(0.94, 1.06)))
-    columns = int(round(profile.columns * rng.uniform(0.94, 1.06)))
+    # the same draws whatever the acquisition: an image without the finding renders as if there were no shortcut
+    acquisition = acquisition_profile(profile, task.finding)
+    rows = int(round(acquisition.rows * rng.uniform(0.94, 1.06)))
+    columns = int(round(acquisition.columns * rng.uniform(0.94, 1.06)))
     density = render_density(anatomy, sample_blobs(anatomy, rng, task.finding), rows, columns, rng)
-    ds = build_dataset(profile, site, patient, acquire(density, profile, rng), study_date, rng,
+    ds = build_dataset(acquisition, site, patient, acquire(density, acquisition, rng), study_date, rng,
                        uid_key=(cfg.seed, profile.name, _ROLES[task.role_index], task.index))
     if task.broken_kind == "truncated":
         data = encode(ds)

@@ -348,7 +348,9 @@ def stage(name: str) -> Callable[[F], F]:
             created = parent.client.create_run(parent.experiment_id, run_name=name,
                                                tags={MLFLOW_PARENT_RUN_ID: parent.run_id, STAGE_TAG: name})
             run = Run(parent.client, created.info.run_id, parent.experiment_id, log_models=parent.log_models)
-            _stage = run
+            # a stage may run another inside it (the report deploys first when deploy/ is out of date): the outer
+            # stage's run is open again once the inner one ends
+            outer, _stage = _stage, run
             try:
                 run.log_params(_stage_params(name, signature.bind(*args, **kwargs).arguments))
                 result = fn(*args, **kwargs)
@@ -356,7 +358,7 @@ def stage(name: str) -> Callable[[F], F]:
                 run.end("FAILED")
                 raise
             finally:
-                _stage = None
+                _stage = outer
             run.log_metrics(numeric_leaves(result, SUMMARY))
             run.end("FINISHED")
             return result

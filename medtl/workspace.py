@@ -70,8 +70,13 @@ class Workspace:
         return self.root / "adapt"
 
     @property
+    def deploy(self) -> Path:
+        """The deployed model (``model.safetensors`` + card), its predictions and its label-free analyses."""
+        return self.root / "deploy"
+
+    @property
     def evaluate(self) -> Path:
-        """Per-site metrics of the fine-tuned model, one JSON per hospital (the Prefect evaluate flow's fan-out)."""
+        """Per-site metrics of the deployed model, one JSON per hospital (the Prefect evaluate flow's fan-out)."""
         return self.root / "evaluate"
 
     @property

@@ -10,7 +10,7 @@ from medtl.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "shortcut.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(ROOT / "configs" / name)
     assert config.data.target_hospital not in config.data.source_hospitals

@@ -23,7 +23,7 @@ POOL = "medtl-process"
 SERVER_START_S = 120
 STEP_TIMEOUT_S = 180
 STAGE_FLOWS = {"medtl-synth", "medtl-ingest", "medtl-pretrain", "medtl-select", "medtl-finetune", "medtl-loho",
-               "medtl-adapt", "medtl-evaluate", "medtl-report"}
+               "medtl-adapt", "medtl-deploy", "medtl-evaluate", "medtl-report"}
 
 
 def _prefect(env: dict, *args: str, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -12,27 +12,30 @@ from pathlib import Path
 import pytest
 
 from flows.artifacts import ADAPT_KEY, FINETUNE_KEY, SELECT_KEY, SITES_KEY
+from medtl import deploy as medtl_deploy
 from medtl import stages as medtl_stages
 from medtl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# every medtl.stages function a task of the pipeline calls
-STAGE_FUNCTIONS = ("run_synth", "run_ingest", "run_pretrain", "run_select", "run_finetune", "run_adapt",
-                   "evaluation_sites", "run_evaluate_site", "run_report")
+# every medtl function a task of the pipeline calls, by module
+STAGE_FUNCTIONS = {"run_synth": medtl_stages, "run_ingest": medtl_stages, "run_pretrain": medtl_stages,
+                   "run_select": medtl_stages, "run_finetune": medtl_stages, "run_adapt": medtl_stages,
+                   "run_deploy": medtl_deploy, "evaluation_sites": medtl_stages, "run_evaluate_site": medtl_stages,
+                   "run_report": medtl_stages}
 
 
 @pytest.fixture
 def calls(monkeypatch) -> Counter:
     """How often each stage function ran (the tasks call them through the ``medtl.stages`` module)."""
     counter: Counter = Counter()
-    for name in STAGE_FUNCTIONS:
-        original = getattr(medtl_stages, name)
+    for name, module in STAGE_FUNCTIONS.items():
+        original = getattr(module, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
             counter[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(medtl_stages, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return counter
 
 
@@ -104,8 +107,11 @@ def test_rerun_skips_finished_stages_and_a_changed_field_reruns_downstream(prefe
         r["backbone"] for r in sorted(json.loads((tmp_path / "run" / "select" / "ranking.json").read_text())[
             "ranking"], key=lambda r: r["rank"])]
     assert [row["phase"] for row in tables[FINETUNE_KEY]] == ["probe", "finetune"]  # tiny.yaml: LP-FT
-    assert [row["method"] for row in tables[ADAPT_KEY]] == ["source_only", "adabn"]
-    assert tables[ADAPT_KEY][1]["auc"] == round(report_before["adaptation"]["methods"]["adabn"]["auc"]["value"], 4)
+    deployed = report_before["adaptation"]["deployed"]
+    assert [row["method"] for row in tables[ADAPT_KEY]] == [f"deployed ({deployed['candidate']})",
+                                                            "finetuned (before adaptation)", "source_only", "adabn"]
+    assert tables[ADAPT_KEY][0]["deployed"] and not tables[ADAPT_KEY][1]["deployed"]
+    assert tables[ADAPT_KEY][3]["auc"] == round(report_before["adaptation"]["methods"]["adabn"]["auc"]["value"], 4)
     # the report shows every scorer's pick, the deployed one marked, next to the oracle's (adapt/selection.json)
     picks = json.loads((tmp_path / "run" / "adapt" / "selection.json").read_text())["picks"]
     shown = report_before["adaptation"]["selection"]
@@ -126,13 +132,14 @@ def test_rerun_skips_finished_stages_and_a_changed_field_reruns_downstream(prefe
     assert sum(calls.values()) == 0, f"stages ran again with nothing changed: {dict(calls)}"
     assert second == first  # read back from the JSON result storage
     states = _task_states_since(moment)
-    assert states["Cached"] == 10 and set(states) == {"Cached"}, states  # 6 stages, the site list, 3 sites
+    assert states["Cached"] == 11 and set(states) == {"Cached"}, states  # 7 stages, the site list, 3 sites
     assert (tmp_path / "run" / ".prefect-results").is_dir()
 
     calls.clear()
     changed = _small(tmp_path, lr=3e-4)  # one fine-tuning field
     third = pipeline(config=changed)
-    assert set(calls) == {"run_finetune", "run_adapt", "evaluation_sites", "run_evaluate_site", "run_report"}, calls
+    assert set(calls) == {"run_finetune", "run_adapt", "run_deploy", "evaluation_sites", "run_evaluate_site",
+                          "run_report"}, calls
     assert calls["run_finetune"] == 1 and calls["run_report"] == 1
     assert _sha256(model) != model_before  # the re-run trained anew, and the report was rebuilt from it
     report_after = json.loads(Path(third["json"]).read_text())

@@ -23,8 +23,8 @@ from medtl.workspace import Workspace
 from tests.test_synth import tiny_config
 
 MANIFEST_COLUMNS = ["image", "volume", "label", "patient_id", "study_uid", "series_uid", "sop_uid", "hospital", "vendor",
-                    "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm", "sex", "age", "study_date",
-                    "split"]
+                    "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm", "bits_stored",
+                    "photometric", "view_position", "body_part", "sex", "age", "study_date", "split"]
 
 
 def ingest_config(input_dir: Path, **overrides) -> IngestConfig:
@@ -130,6 +130,47 @@ def test_sex_age_and_study_date_only_where_deidentification_keeps_them(ingested,
         offsets = {(pd.Timestamp(original[h].StudyDate) - pd.Timestamp(d)).days
                    for h, d in zip(patient["content_hash"], patient["study_date"])}
         assert len(offsets) == 1
+
+
+def test_acquisition_fields_reach_the_manifest(ingested, cohort: Path) -> None:
+    ws, _ = ingested
+    manifest = load_manifest(ws).set_index("content_hash")
+    assert manifest["bits_stored"].dtype == np.int64
+    for path in sorted(cohort.rglob("*.dcm")):
+        content_hash = hashlib.sha256(path.read_bytes()).hexdigest()
+        if content_hash not in manifest.index:
+            continue  # a planted broken file or the duplicate
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        row = manifest.loc[content_hash]
+        assert (row["bits_stored"], row["photometric"], row["view_position"], row["body_part"]) == (
+            ds.BitsStored, ds.PhotometricInterpretation, ds.ViewPosition, ds.BodyPartExamined)
+        assert (row["rows"], row["columns"]) == (ds.Rows, ds.Columns)  # the original matrix, before resizing
+    assert set(manifest["bits_stored"]) == {12, 14} and set(manifest["photometric"]) == {"MONOCHROME1", "MONOCHROME2"}
+    assert set(manifest["view_position"]) == {"PA"} and set(manifest["body_part"]) == {"CHEST"}
+
+
+def test_absent_acquisition_fields_are_empty_in_the_manifest(tmp_path: Path) -> None:
+    ds = _image(SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1", SOPInstanceUID="1.2.3.4.9", ViewPosition="AP",
+                PixelData=np.arange(256, dtype="<u2").tobytes())
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    (tmp_path / "in" / "site").mkdir(parents=True)
+    ds.save_as(tmp_path / "in" / "site" / "image.dcm", enforce_file_format=True)
+    ws = Workspace(tmp_path / "work")
+    assert ingest_folder(IngestConfig(input_dir=tmp_path / "in", image_size=16), ws).ingested == 1
+    row = load_manifest(ws).iloc[0]
+    assert (row["bits_stored"], row["photometric"], row["view_position"], row["body_part"]) == (
+        16, "MONOCHROME2", "AP", "")  # no BodyPartExamined in the file
+
+
+def test_a_manifest_from_an_older_version_is_refused(ingested, tmp_path: Path) -> None:
+    ws, _ = ingested
+    old = Workspace(tmp_path)
+    old.ingest.mkdir(parents=True)
+    columns = ["bits_stored", "photometric", "view_position", "body_part"]
+    pd.read_parquet(ws.manifest).drop(columns=columns).to_parquet(old.manifest)  # written before these columns
+    with pytest.raises(ValueError, match="written by another version of medtl: delete the ingest folder and re-run"):
+        load_manifest(old)
 
 
 def test_arrays_are_float32_unit_range_squares(ingested) -> None:

@@ -157,3 +157,30 @@ def test_invalid_inputs_name_the_problem(y, p, message):
 def test_missing_patient_id_is_rejected():
     with pytest.raises(ValueError, match="missing patient ids"):
         binary_metrics([0, 1, 0], [0.1, 0.9, 0.2], groups=["a", None, "b"], n_bootstrap=10)
+
+
+def test_predictive_values_and_brier_by_hand():
+    # threshold 0.5: flagged = p >= .5 -> images 2, 3, 4 (labels 1, 0, 1): PPV 2/3; cleared 0, 1 (labels 0, 1): NPV 1/2
+    y = [0, 1, 1, 0, 1]
+    p = [0.1, 0.4, 0.6, 0.7, 0.9]
+    m = binary_metrics(y, p, n_bootstrap=200)
+    assert m["ppv"]["value"] == pytest.approx(2 / 3)
+    assert m["npv"]["value"] == pytest.approx(1 / 2)
+    assert m["brier"]["value"] == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2))
+    assert m["ppv"]["ci_low"] <= m["ppv"]["value"] <= m["ppv"]["ci_high"]
+
+
+def test_predictive_values_follow_the_prevalence_at_the_same_sensitivity_and_specificity():
+    """PPV and NPV are read at the data's own prevalence: the same classifier at a rarer finding has a lower PPV."""
+    y, p = _scored(4000, seed=3)
+    rare = np.flatnonzero(y == 0).tolist() + np.flatnonzero(y == 1)[:400].tolist()
+    common = binary_metrics(y, p, n_bootstrap=0)
+    scarce = binary_metrics(y[rare], p[rare], n_bootstrap=0)
+    assert scarce["sensitivity"]["value"] == pytest.approx(common["sensitivity"]["value"], abs=0.05)
+    assert scarce["ppv"]["value"] < common["ppv"]["value"] - 0.1
+    assert scarce["npv"]["value"] > common["npv"]["value"]
+
+
+def test_undefined_predictive_value_is_nan_with_a_note():
+    m = binary_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], n_bootstrap=0)  # nothing is called positive
+    assert np.isnan(m["ppv"]["value"]) and any("ppv" in note for note in m["notes"])

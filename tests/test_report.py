@@ -20,12 +20,14 @@ from medtl.evaluate.report import REQUIRED_CONTEXT, REQUIRED_SECTIONS, ReportSch
 from medtl.evaluate.shift import IMAGE_STATISTICS, image_statistics, shift_diagnostics
 
 HOSPITALS = {"hospital_a": "source", "hospital_b": "external", "hospital_c": "target"}
-MODELS = ("source_only", "adabn", "coral")
-# class separation per (hospital, model): the target site loses signal, adaptation recovers part of it
+MODELS = ("source_only", "adabn", "coral")  # the adaptation runs
+DEPLOYED, FINETUNED = "deployed", "finetuned"  # the deployed model (adabn@epoch2, the EnsV pick) and the comparison
+# class separation per (hospital, model): the target site loses signal, adaptation recovers part of it; the oracle
+# (best target AUC, chosen with the target's labels) is coral, the label-free pick adabn
 SIGNAL = {
-    "hospital_a": {"source_only": 2.2, "adabn": 2.1, "coral": 2.1},
-    "hospital_b": {"source_only": 1.6, "adabn": 1.6, "coral": 1.7},
-    "hospital_c": {"source_only": 0.9, "adabn": 1.4, "coral": 1.6},
+    "hospital_a": {FINETUNED: 2.2, DEPLOYED: 2.1, "source_only": 2.2, "adabn": 2.1, "coral": 2.1},
+    "hospital_b": {FINETUNED: 1.6, DEPLOYED: 1.6, "source_only": 1.6, "adabn": 1.6, "coral": 1.7},
+    "hospital_c": {FINETUNED: 0.9, DEPLOYED: 1.4, "source_only": 0.9, "adabn": 1.4, "coral": 1.8},
 }
 
 
@@ -51,11 +53,13 @@ def make_predictions(seed: int = 0, patients_per_hospital: int = 70, image_dir=N
                 array = pixels.uniform(0, 0.6 + 0.4 * label, (1, 24, 24)).astype(np.float32)
                 np.save(image_dir / f"{image_id}.npy", array)
             extra = {"image": [str(image_dir / f"{i}.npy") for i in ids], "image_id": ids, "sex": sex}
-        for model in MODELS:
+        for model in (FINETUNED, DEPLOYED, *MODELS):
             logit = SIGNAL[hospital][model] * (labels - 0.5) + noise + rng.normal(0, 0.3, labels.size)
+            prob = 1 / (1 + np.exp(-logit))
+            # the deployed rows carry the network's own probabilities too: sharper, i.e. less calibrated
+            raw = {"raw_prob": 1 / (1 + np.exp(-2 * logit))} if model == DEPLOYED else {}
             frames.append(pd.DataFrame({"model": model, "hospital": hospital, "role": role,
-                                        "patient_id": patient_ids, "label": labels,
-                                        "prob": 1 / (1 + np.exp(-logit)), **extra}))
+                                        "patient_id": patient_ids, "label": labels, "prob": prob, **raw, **extra}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -79,7 +83,8 @@ def make_context() -> dict:
         "title": "Pneumothorax detector — multi-site validation",
         "intended_use": "Flags adult chest radiographs that may show a pneumothorax so that a radiologist reads "
                         "them first; it does not replace the radiologist's read.",
-        "primary_model": "source_only",
+        "primary_model": DEPLOYED,
+        "comparison_model": FINETUNED,
         "threshold": 0.47,
         "threshold_source": "the hospital_a validation split (Youden index)",
         "cohort": [
@@ -102,10 +107,11 @@ def make_context() -> dict:
         ],
         "finetune": {"backbone": "efficientnet_lite0.ssl", "freeze_groups": 2, "trainable_params": 2_871_234,
                      "epochs": 8, "lr": 1e-3, "weight_decay": 1e-4, "best_val_auc": 0.912},
-        "adaptation": {"target_hospital": "hospital_c", "methods": ["source_only", "adabn", "coral"],
+        "adaptation": {"ran": True, "target_hospital": "hospital_c", "methods": ["source_only", "adabn", "coral"],
+                       "deployed_candidate": "adabn@epoch2",
                        "notes": "AdaBN re-estimates BatchNorm statistics; CORAL aligns feature covariances.",
                        "selection": [
-                           {"scorer": "ensv", "candidate": "coral@epoch2", "target_auc": 0.861,
+                           {"scorer": "ensv", "candidate": "adabn@epoch2", "target_auc": 0.861,
                             "auc_gap_to_oracle": 0.004, "chosen": True, "uses_target_labels": False},
                            {"scorer": "entropy", "candidate": "source_only@epoch1", "target_auc": 0.702,
                             "auc_gap_to_oracle": 0.163, "chosen": False, "uses_target_labels": False},
@@ -113,6 +119,14 @@ def make_context() -> dict:
                             "chosen": False, "uses_target_labels": False},
                            {"scorer": "oracle", "candidate": "coral@epoch1", "target_auc": 0.865,
                             "auc_gap_to_oracle": 0.0, "chosen": False, "uses_target_labels": True}]},
+        "deployed": {"origin": {"stage": "adapt", "file": "adapt/chosen.safetensors", "notes": [],
+                                "description": "adabn after epoch 2 adapted to hospital_c, chosen without "
+                                               "hospital_c's labels by the ensv score", "candidate": "adabn@epoch2"},
+                     "file": "deploy/model.safetensors", "sha256": "d" * 64, "backbone": "efficientnet_lite0.ssl",
+                     "calibration": {"method": "temperature", "temperature": 1.9, "bias": [0.0, 0.0],
+                                     "fitted_on": "source validation split", "nll_before": 0.41, "nll_after": 0.33},
+                     "label_shift": {"method": "none", "applied": False, "hospital": "hospital_c"}},
+        "data_use": make_data_use(),
         "limitations": ["Synthetic cohort: images are simulated, not clinical.",
                         "Labels of the target hospital were used only for evaluation."],
         "shift_diagnostics": copy.deepcopy(_shift()),
@@ -122,6 +136,24 @@ def make_context() -> dict:
                                   "study_dates": "2019-03-01 to 2021-06-30" if i == 0 else None}
                                  for i, h in enumerate(HOSPITALS)]},
     }
+
+
+def make_data_use(**external_reads: int) -> dict:
+    """What each stage read: SSL and selection the source (and SSL the target's unlabeled images), adaptation the
+    source and the target, evaluation every hospital; ``external_reads`` adds reads of hospital_b by a stage."""
+    labels = {"ssl": "self-supervised pretraining", "selection": "backbone selection", "finetuning": "fine-tuning",
+              "adaptation": "adaptation", "threshold": "threshold and calibration",
+              "prevalence": "target prevalence and label-free estimates", "evaluation": "evaluation",
+              "loho": "leave-one-hospital-out (separate models)"}
+    read = {"hospital_a": {"ssl": 300, "selection": 100, "finetuning": 100, "adaptation": 100, "threshold": 30,
+                           "prevalence": 0, "evaluation": 50},
+            "hospital_b": {"ssl": 0, "selection": 0, "finetuning": 0, "adaptation": 0, "threshold": 0, "prevalence": 0,
+                           "evaluation": 160, **external_reads},
+            "hospital_c": {"ssl": 320, "selection": 0, "finetuning": 0, "adaptation": 320, "threshold": 0,
+                           "prevalence": 320, "evaluation": 160}}
+    return {"stages": {k: {"label": v, "ran": k != "loho"} for k, v in labels.items()},
+            "hospitals": [{"hospital": h, "role": HOSPITALS[h], "images": 480,
+                           "read": {**read[h], "loho": None}} for h in HOSPITALS], "notes": []}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +183,8 @@ def test_json_twin_has_metrics_with_cis_and_context(report):
     methods = data["adaptation"]["methods"]
     assert set(methods) == set(MODELS)
     assert "delta_auc_vs_baseline" in methods["coral"] and "delta_auc_vs_baseline" not in methods["source_only"]
-    assert data["adaptation"]["best_method"] in {"adabn", "coral"}
+    upper = data["adaptation"]["upper_bound"]
+    assert upper["method"] == "coral" and upper["uses_target_labels"] is True
     assert data["context"]["cohort"][2]["prevalence"] is None
     assert data["settings"]["n_bootstrap"] == 200
 
@@ -162,10 +195,10 @@ def test_each_scorers_pick_is_shown_next_to_the_oracle(report):
     table = table[:table.index("</table>")]
     rows = table.split("<tr")[2:]  # after the header row
     assert [r.split('<td class="name">')[1].split("<")[0] for r in rows] == ["ensv", "entropy", "dev", "oracle"]
-    assert 'class="hl"' in rows[0] and "deployed" in rows[0] and "coral@epoch2" in rows[0] and "0.861" in rows[0]
+    assert 'class="hl"' in rows[0] and "deployed" in rows[0] and "adabn@epoch2" in rows[0] and "0.861" in rows[0]
     assert "none (no candidate has this score)" in rows[2]
     assert "uses labels" in rows[3] and "uses labels" not in "".join(rows[:3])
-    assert json.loads(report.json_path.read_text())["adaptation"]["selection"][0]["candidate"] == "coral@epoch2"
+    assert json.loads(report.json_path.read_text())["adaptation"]["selection"][0]["candidate"] == "adabn@epoch2"
 
 
 def test_summary_markdown_has_headline_table(report):
@@ -185,16 +218,16 @@ def test_nan_metrics_become_null_in_json(tmp_path):
     assert not math.isnan(data["per_hospital"]["hospital_a"]["auc"]["value"])
 
 
-def test_warns_when_adaptation_does_not_help(tmp_path):
+def test_warns_when_the_deployed_adapted_model_does_not_beat_the_fine_tuned_one(tmp_path):
     predictions = make_predictions()
     on_target = predictions["hospital"] == "hospital_c"
-    baseline = predictions.loc[on_target & (predictions["model"] == "source_only"), "prob"].to_numpy()
+    baseline = predictions.loc[on_target & (predictions["model"] == FINETUNED), "prob"].to_numpy()
     rng = np.random.default_rng(1)
-    for model in ("adabn", "coral"):  # the baseline's scores plus noise: a strictly worse ranking
-        noisy = np.clip(baseline + rng.normal(0, 0.3, baseline.size), 0, 1)
-        predictions.loc[on_target & (predictions["model"] == model), "prob"] = noisy
-    result = build_report(predictions, make_context(), ReportConfig(n_bootstrap=50), tmp_path)
-    assert any(w.startswith("Adaptation did not beat source_only") for w in result.metrics["warnings"])
+    noisy = np.clip(baseline + rng.normal(0, 0.3, baseline.size), 0, 1)  # a strictly worse ranking
+    predictions.loc[on_target & (predictions["model"] == DEPLOYED), "prob"] = noisy
+    result = build_report(predictions, make_context(), ReportConfig(n_bootstrap=50, pdf=False), tmp_path)
+    assert any(w.startswith("At hospital_c, the deployed adapted model does not beat the fine-tuned model")
+               for w in result.metrics["warnings"])
 
 
 @pytest.mark.parametrize("key", list(REQUIRED_CONTEXT))
@@ -275,7 +308,7 @@ def test_provenance_without_a_site_entry_is_refused(tmp_path):
 
 def test_operating_point_counts_match_the_threshold(report):
     predictions = make_predictions()
-    rows = predictions[(predictions["model"] == "source_only") & (predictions["hospital"] == "hospital_b")]
+    rows = predictions[(predictions["model"] == DEPLOYED) & (predictions["hospital"] == "hospital_b")]
     site = next(s for s in report.metrics["operating_point"]["per_site"] if s["hospital"] == "hospital_b")
     flagged = rows["prob"] >= 0.47
     assert site["tp"] == int((flagged & (rows["label"] == 1)).sum())
@@ -309,7 +342,7 @@ def test_failure_examples_are_the_most_confident_errors_with_thumbnails(report):
     failures = report.metrics["failure_examples"]
     assert failures["available"] and len(failures["false_positives"]) == 4 and len(failures["false_negatives"]) == 4
     predictions = make_predictions()
-    rows = predictions[predictions["model"] == "source_only"]
+    rows = predictions[predictions["model"] == DEPLOYED]
     worst_fp = rows[(rows["label"] == 0) & (rows["prob"] >= 0.47)]["prob"].max()
     worst_fn = rows[(rows["label"] == 1) & (rows["prob"] < 0.47)]["prob"].min()
     assert failures["false_positives"][0]["prob"] == pytest.approx(worst_fp)

@@ -65,19 +65,20 @@ def test_sharded_ingest_on_dask_equals_the_plain_run(prefect_harness, dask_clust
 
 
 def _predictions_workspace(root: Path) -> Workspace:
-    """A workspace holding only what evaluation reads: fine-tune predictions at three hospitals and the card."""
+    """A workspace holding only what evaluation reads: the deployed model's predictions at three hospitals and its
+    card."""
     rng = np.random.default_rng(0)
     frames = []
     for hospital, role, n in (("Site A", "source", 30), ("Site B", "target", 40), ("Site C / east", "external", 25)):
         label = rng.integers(0, 2, n)
         prob = np.clip(0.3 * label + rng.uniform(0, 0.7, n), 0, 1)
-        frames.append(pd.DataFrame({"model": "finetuned", "hospital": hospital, "role": role,
+        frames.append(pd.DataFrame({"model": "deployed", "hospital": hospital, "role": role,
                                     "patient_id": [f"{hospital}-{i // 2}" for i in range(n)], "label": label,
                                     "prob": prob}))
     ws = Workspace(root)
-    ws.finetune.mkdir(parents=True)
-    pd.concat(frames, ignore_index=True).to_parquet(ws.finetune / "predictions.parquet", index=False)
-    (ws.finetune / "model.json").write_text(json.dumps({"threshold": 0.45}))
+    ws.deploy.mkdir(parents=True)
+    pd.concat(frames, ignore_index=True).to_parquet(ws.deploy / "predictions.parquet", index=False)
+    (ws.deploy / "model.json").write_text(json.dumps({"threshold": 0.45}))
     return ws
 
 

@@ -159,3 +159,37 @@ def test_acquisition_shift_errors_name_the_field() -> None:
                         acquisition_shift={"preset": "collimated", "blurr": 1.0})
     with pytest.raises(ValueError, match="unknown preset profile 'portable'"):
         HospitalProfile(name="x", manufacturer="m", model_name="n", institution="i", acquisition_shift="portable")
+
+
+def test_positive_acquisition_is_a_shortcut_of_the_positives_only(tmp_path: Path) -> None:
+    plain = tiny_config(labeled_per_hospital=8, unlabeled_per_hospital=4, broken_files=0)
+    shortcut = {"rows": 48, "columns": 56, "pixel_spacing_mm": 1.1, "view_position": "AP"}
+    hospitals = [plain.hospitals[0].model_copy(
+        update={"positive_acquisition": HospitalProfile.PositiveAcquisition(**shortcut)}), plain.hospitals[1]]
+    write_cohort(plain, tmp_path / "plain")
+    write_cohort(plain.model_copy(update={"hospitals": hospitals}), tmp_path / "shortcut")
+    labels = {r["path"]: r["label"] for r in read_labels(tmp_path / "plain")}
+    assert labels == {r["path"]: r["label"] for r in read_labels(tmp_path / "shortcut")}
+    plain_digests, shortcut_digests = file_digests(tmp_path / "plain"), file_digests(tmp_path / "shortcut")
+    checked = Counter()
+    for path, label in labels.items():
+        ds = pydicom.dcmread(tmp_path / "shortcut" / path)
+        if path.startswith("site_a/") and label == "1":
+            checked["shortcut"] += 1
+            assert ds.ViewPosition == "AP" and ds.BodyPartExamined == "CHEST" and ds.StudyDescription == "CHEST AP"
+            assert 45 <= ds.Rows <= 51 and 52 <= ds.Columns <= 60 and float(ds.PixelSpacing[0]) == 1.1
+        else:  # images without the finding, and every image of the other hospital, are byte for byte as before
+            checked["unchanged"] += 1
+            assert shortcut_digests[path] == plain_digests[path]
+            assert ds.ViewPosition == "PA" and ds.StudyDescription == "CHEST PA"
+    assert checked == {"shortcut": 4, "unchanged": 12}
+
+
+def test_positive_acquisition_must_change_something() -> None:
+    profile = dict(name="x", manufacturer="m", model_name="n", institution="i")
+    with pytest.raises(ValueError, match="positive_acquisition sets nothing"):
+        HospitalProfile(**profile, positive_acquisition={})
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        HospitalProfile(**profile, positive_acquisition={"view": "AP"})
+    with pytest.raises(ValueError, match="Input should be 'PA' or 'AP'"):
+        HospitalProfile(**profile, positive_acquisition={"view_position": "LATERAL"})

@@ -82,7 +82,7 @@ def test_pipeline_run_logs_params_epoch_metrics_model_and_report(cohort, tmp_pat
     assert parent.data.params["finetune.strategy"] == "lp_ft"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
     stage_runs = children[parent.info.run_id]
-    assert set(stage_runs) == {"finetune", "adapt", "report"}
+    assert set(stage_runs) == {"finetune", "adapt", "deploy", "report"}
     finetune = stage_runs["finetune"]
     assert finetune.info.status == "FINISHED"
 
@@ -109,6 +109,8 @@ def test_pipeline_run_logs_params_epoch_metrics_model_and_report(cohort, tmp_pat
     adapt = stage_runs["adapt"].info.run_id
     assert _steps(client, adapt, "source_only/loss") == [1]
     assert "model/chosen.safetensors" in {a.path for a in client.list_artifacts(adapt, "model")}
+    deployed = {a.path for a in client.list_artifacts(stage_runs["deploy"].info.run_id, "model")}
+    assert deployed == {"model/model.safetensors", "model/model.json", "model/analysis.json"}
     report = {a.path for a in client.list_artifacts(stage_runs["report"].info.run_id, "report")}
     assert {"report/report.html", "report/report.json"} <= report
     assert ("report/report.pdf" in report) == (ws.report / "report.pdf").exists()

@@ -86,7 +86,9 @@ def _plugin(name: str) -> type[AdaptationLoss]:
     return LOSS_PLUGINS[name]
 
 
-__all__ = ["LOSS_PLUGINS", "build_adaptation_loss", "plugin_settings", "CoralLoss", "DANNLoss", "EntropyMinimisation",
+from medtl.adapt.label_shift import LabelShiftEstimator, bbse_prior, em_prior, prior_corrected  # noqa: E402
+
+__all__ = ["LOSS_PLUGINS", "LabelShiftEstimator", "bbse_prior", "em_prior", "prior_corrected", "build_adaptation_loss", "plugin_settings", "CoralLoss", "DANNLoss", "EntropyMinimisation",
            "MMDLoss", "NoAdaptation", "OTAlignmentLoss", "PseudoLabelLoss", "coral_loss", "exact_ot_plan",
            "fixmatch_loss", "gradient_reversal", "jdot_cost", "median_heuristic_bandwidths", "mk_mmd",
            "ot_alignment_loss", "prediction_entropy", "recompute_batchnorm_statistics", "tent_parameters"]

@@ -23,7 +23,9 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import roc_curve
 
-METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece")
+"""``ppv`` / ``npv``: positive / negative predictive value at the operating threshold, at the prevalence of the data
+given (so at each site's own prevalence); ``brier``: mean squared error of the probability (Brier 1950)."""
 
 # Replicate x sample cells handled per vectorised block: bounds memory (~32 MB of float64 per
 # matrix) for large cohorts while keeping 1000 replicates of a few hundred samples in one block.
@@ -133,7 +135,8 @@ def binary_metrics(
     n_bins: int = 10,
     seed: int = 0,
 ) -> dict:
-    """Point estimates and percentile bootstrap CIs of AUC, accuracy, sensitivity, specificity, ECE.
+    """Point estimates and percentile bootstrap CIs of AUC, accuracy, sensitivity, specificity, PPV, NPV, Brier
+    score and ECE.
 
     The bootstrap resamples *patients* (clusters given by ``groups``) with replacement, keeping all
     images of a drawn patient, so correlated images of one patient do not make the CIs too narrow.
@@ -157,7 +160,8 @@ def binary_metrics(
         seed: seed of the bootstrap's random generator.
 
     Returns:
-        ``{"auc" | "accuracy" | "sensitivity" | "specificity" | "ece": {"value", "ci_low", "ci_high"},
+        ``{"auc" | "accuracy" | "sensitivity" | "specificity" | "ppv" | "npv" | "brier" | "ece": {"value",
+        "ci_low", "ci_high"},
         "n", "n_positive", "n_patients", "threshold", "n_bootstrap", "confidence", "notes"}``,
         where ``notes`` is a list of human-readable strings about undefined metrics or skipped
         replicates (empty when there is nothing to say).
@@ -352,6 +356,8 @@ def _metric_replicates(y: NDArray[np.float64], p: NDArray[np.float64], w: NDArra
     n_neg = total - n_pos
     tp = w @ (pred & positive)
     tn = w @ (~pred & ~positive)
+    flagged = w @ pred
+    cleared = total - flagged
     gaps = np.zeros((y.size, n_bins))
     gaps[np.arange(y.size), _bin_index(p, n_bins)] = y - p
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -360,6 +366,9 @@ def _metric_replicates(y: NDArray[np.float64], p: NDArray[np.float64], w: NDArra
             "accuracy": (tp + tn) / total,
             "sensitivity": np.where(n_pos > 0, tp / n_pos, np.nan),
             "specificity": np.where(n_neg > 0, tn / n_neg, np.nan),
+            "ppv": np.where(flagged > 0, tp / flagged, np.nan),
+            "npv": np.where(cleared > 0, tn / cleared, np.nan),
+            "brier": (w @ (p - y) ** 2) / total,
             # n_b * |freq_b - conf_b| = |sum_b(y) - sum_b(p)|, so ECE = sum_b |sum_b(y - p)| / N
             "ece": np.abs(w @ gaps).sum(axis=1) / total,
         }
@@ -379,4 +388,6 @@ def _undefined_reason(name: str) -> str:
         "auc": "needs both classes",
         "sensitivity": "no positive samples",
         "specificity": "no negative samples",
+        "ppv": "no image called positive",
+        "npv": "no image called negative",
     }.get(name, "no samples")

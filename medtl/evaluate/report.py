@@ -5,10 +5,16 @@ Every number in the report comes from :mod:`medtl.evaluate.metrics` (patient-lev
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, so no global
 backend state) and embedded as base64 PNG.
 
-The report has fixed sections (:data:`REQUIRED_SECTIONS`): summary, intended use, data provenance, model
-development with the negative-transfer check, per-hospital performance with ROC and calibration figures, the
-operating point, subgroups, shift between hospitals, adaptation, failure examples, limitations and a map to the
-TRIPOD+AI reporting items. :func:`validate_report` refuses a report dict that lacks any of them, so a report
+The report describes one model, the deployed one (``context['primary_model']``, :mod:`medtl.deploy`); the
+fine-tuned model before adaptation (``context['comparison_model']``) and every adaptation run are comparison rows.
+No headline number is chosen on the data it is measured on: the adaptation run with the best target AUC is chosen
+with the target's labels, so it appears only in the adaptation table, labelled as an upper bound.
+
+The report has fixed sections (:data:`REQUIRED_SECTIONS`): summary, intended use, data provenance with the
+data-use table (which images each stage read), model development with the negative-transfer check and the
+deployed model, per-hospital performance with ROC and calibration figures, the operating point, subgroups, shift
+between hospitals, label shift (prevalence estimated without labels), the shortcut audit, performance expected
+without labels, adaptation, failure examples, limitations and a map to the TRIPOD+AI reporting items. :func:`validate_report` refuses a report dict that lacks any of them, so a report
 that reaches a reviewer is never silently incomplete. Optional sections (:data:`OPTIONAL_SECTIONS`: the
 leave-one-hospital-out results, when the run has them) are checked the same way when present.
 """
@@ -42,16 +48,18 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from medtl.config import REPORT_DEFAULT_MARKER, ReportConfig
+from medtl.evaluate.label_free import estimated_drop_warning
 from medtl.evaluate.metrics import METRIC_NAMES, auc_difference, binary_metrics, calibration_curve
 from medtl.workspace import atomic_write
 
 log = logging.getLogger("medtl")
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("model", "hospital", "role", "patient_id", "label", "prob")
-OPTIONAL_PREDICTION_COLUMNS: tuple[str, ...] = ("image", "image_id", "vendor", "sex", "age")
+OPTIONAL_PREDICTION_COLUMNS: tuple[str, ...] = ("image", "image_id", "vendor", "sex", "age", "raw_prob")
 """``image``: path of the preprocessed array (``.npy``) for failure-example thumbnails; ``image_id``: its
 de-identified id shown in the report (default: a hash of ``image``, never the path); ``vendor`` / ``sex`` /
-``age`` (years, or a DICOM age string such as ``"045Y"``): subgroup attributes."""
+``age`` (years, or a DICOM age string such as ``"045Y"``): subgroup attributes; ``raw_prob``: the network's own
+probability before recalibration and prior correction (the primary model's rows), for the calibration table."""
 ROLES: tuple[str, ...] = ("source", "target", "external")
 BASELINE_MODEL = "source_only"
 
@@ -66,6 +74,8 @@ REQUIRED_CONTEXT: dict[str, type | tuple[type, ...]] = {
     "backbone_ranking": list,
     "finetune": dict,
     "adaptation": dict,
+    "deployed": dict,
+    "data_use": dict,
     "shift_diagnostics": dict,
     "limitations": list,
     "provenance": dict,
@@ -73,7 +83,9 @@ REQUIRED_CONTEXT: dict[str, type | tuple[type, ...]] = {
 COHORT_KEYS = ("hospital", "role", "vendor", "model", "n_images", "n_patients", "n_labeled", "prevalence")
 INGEST_KEYS = ("files_in", "ingested", "quarantined", "duplicates")
 RANKING_KEYS = ("backbone", "logme", "linear_probe_auc", "rank", "chosen")
-ADAPTATION_KEYS = ("target_hospital", "methods")
+ADAPTATION_KEYS = ("ran", "target_hospital", "methods")
+DEPLOYED_KEYS = ("origin", "calibration", "label_shift")
+DATA_USE_KEYS = ("stages", "hospitals")
 PROVENANCE_KEYS = ("medtl_version", "sites")
 PROVENANCE_SITE_KEYS = ("hospital", "content_sha256", "study_dates")
 SHIFT_KEYS = ("reference", "n_reference", "features", "comparisons")
@@ -91,12 +103,18 @@ REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
     "data_provenance": ("code", "sites", "ingest"),
     "model_development": ("backbone_ranking", "finetune"),
     "negative_transfer": ("checked", "message"),
+    "deployed_model": ("model", "origin", "threshold", "calibration", "label_shift"),
+    "data_use": ("stages", "hospitals", "external_unseen"),
     "per_hospital": (),
-    "figures": ("roc_hospitals", "calibration", "roc_adaptation"),
+    "figures": ("roc_hospitals", "calibration"),
     "operating_point": ("threshold", "threshold_source", "per_site"),
     "subgroups": ("attributes",),
     "shift_diagnostics": ("reference", "comparisons"),
-    "adaptation": ("target_hospital", "methods"),
+    "recalibration": ("available", "sites"),
+    "label_shift": ("available", "sites"),
+    "shortcut_audit": ("available", "label", "hospital", "warnings"),
+    "performance_estimates": ("available", "sites"),
+    "adaptation": ("ran", "target_hospital", "methods"),
     "failure_examples": ("available", "false_positives", "false_negatives"),
     "limitations": ("items",),
     "tripod_ai": ("guideline", "items"),
@@ -120,12 +138,16 @@ MIN_PER_CLASS = 10        # fewer positives or negatives than this = CIs too wid
 
 _BOOTSTRAP_SEED = 0       # fixed so that re-rendering a report reproduces its numbers exactly
 _COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")  # Okabe-Ito
+_TARGET_RANKING_COLUMNS = ("source_rank", "target_ensv", "target_divergence", "target_rank")
+"""Columns of a target-aware ranking, shown in a table of their own."""
 _COLUMN_TITLES = {"rank": "Rank", "backbone": "Backbone", "logme": "LogME", "linear_probe_auc": "Linear probe AUC",
-                  "h_score": "H-score", "knn_accuracy": "k-NN accuracy", "leep": "LEEP", "nce": "NCE"}
+                  "h_score": "H-score", "knn_accuracy": "k-NN accuracy", "leep": "LEEP", "nce": "NCE",
+                  "source_rank": "Rank on the source", "target_ensv": "EnsV on the target",
+                  "target_divergence": "Source–target distance", "target_rank": "Rank on the target"}
 _ROLE_HELP = {
     "source": "training hospital, evaluated on held-out patients",
-    "target": "adapted to without its labels",
-    "external": "never seen in training or adaptation",
+    "target": "adapted to without its labels (its unlabeled images only)",
+    "external": "no stage that built the deployed model read its images (see “Which images each stage read”)",
 }
 # HTML id → heading, in page order; the TRIPOD+AI map points at these ids. Numbered by _sections, which leaves
 # out an optional section the report does not have (so the numbers have no gap).
@@ -133,11 +155,14 @@ _SECTION_TITLES: dict[str, str] = {
     "summary": "Summary",
     "intended-use": "Intended use",
     "data": "Data provenance",
-    "model": "Model development",
+    "model": "Model development and the deployed model",
     "hospitals": "Performance per hospital",
     "operating-point": "Operating point",
     "subgroups": "Subgroups",
     "shift": "Shift between hospitals",
+    "label-shift": "Prevalence of the finding at each hospital",
+    "shortcuts": "Shortcut and confounder audit",
+    "expected": "Performance expected without labels",
     "adaptation": "Adaptation to the target hospital",
     "loho": "Leave-one-hospital-out (multi-source training)",
     "failures": "Failure examples",
@@ -168,7 +193,7 @@ _TRIPOD_AI: tuple[tuple[str, str, str | None, str], ...] = (
     ("13", "Class imbalance", "data", "prevalence per hospital"),
     ("14", "Fairness", "subgroups", ""),
     ("15", "Model output", "operating-point", "probability of the finding and the fixed threshold"),
-    ("16", "Training versus evaluation data", "hospitals", "roles: held-out source patients, target, external"),
+    ("16", "Training versus evaluation data", "data", "which images each stage read, per hospital"),
     ("17", "Ethical approval", None, ""),
     ("18", "Open science (funding, conflicts, protocol, registration, data and code)", "data",
      "code version and data hashes only; the rest not covered"),
@@ -183,7 +208,8 @@ _TRIPOD_AI: tuple[tuple[str, str, str | None, str], ...] = (
     ("27", "Usability in current care", "failures", "failure examples and input quarantine; workflow not covered"),
 )
 # 23 (performance, incl. heterogeneity across clusters): how the recipe does at each hospital left out of training
-_TRIPOD_SEE_ALSO: dict[str, tuple[str, ...]] = {"23": ("loho",)}
+_TRIPOD_SEE_ALSO: dict[str, tuple[str, ...]] = {"9": ("shortcuts",), "13": ("label-shift",), "23": ("loho",),
+                                                 "25": ("expected",)}
 _AGE_GROUPS: tuple[tuple[float, float, str], ...] = ((0, 40, "age under 40"), (40, 65, "age 40–64"),
                                                      (65, math.inf, "age 65 and over"))
 _SEX_LABELS = {"f": "female", "female": "female", "m": "male", "male": "male", "o": "other", "other": "other"}
@@ -351,8 +377,19 @@ def _validate_context(context: dict) -> dict:
                              f"got {row['rank']!r}")
     _require_keys(context["adaptation"], ADAPTATION_KEYS, "context['adaptation']")
     methods = context["adaptation"]["methods"]
-    if not isinstance(methods, list) or not methods:
-        raise ValueError("context['adaptation']['methods'] must be a non-empty list of model names")
+    if context["adaptation"]["ran"]:
+        if not isinstance(methods, list) or not methods:
+            raise ValueError("context['adaptation']['methods'] must be a non-empty list of model names when "
+                             "adaptation ran (ran: true); with ran: false, give [] and a 'reason'")
+    elif methods:
+        raise ValueError("context['adaptation'] says adaptation did not run (ran: false) but lists methods "
+                         f"{methods!r}; give methods: [] and the 'reason'")
+    _require_keys(context["deployed"], DEPLOYED_KEYS, "context['deployed']")
+    _require_keys(context["data_use"], DATA_USE_KEYS, "context['data_use']")
+    comparison = context.get("comparison_model")
+    if comparison is not None and (not isinstance(comparison, str) or comparison == context["primary_model"]):
+        raise ValueError(f"context['comparison_model'] must name another model than the primary one, got "
+                         f"{comparison!r}")
     _validate_provenance(context)
     _validate_shift(context["shift_diagnostics"])
     block = context["finetune"].get("negative_transfer")
@@ -451,9 +488,13 @@ def _validate_predictions(predictions: pd.DataFrame, ctx: dict) -> pd.DataFrame:
                              f"{site_role[row['hospital']]!r} in predictions; make the two agree")
 
     primary, target = ctx["primary_model"], ctx["adaptation"]["target_hospital"]
-    if not (preds["model"] == primary).any():
-        raise ValueError(f"context['primary_model'] is {primary!r} but predictions has no rows for it "
-                         f"(models present: {sorted(preds['model'].unique())})")
+    for key in ("primary_model", "comparison_model"):
+        model = ctx.get(key)
+        if model is not None and not (preds["model"] == model).any():
+            raise ValueError(f"context[{key!r}] is {model!r} but predictions has no rows for it "
+                             f"(models present: {sorted(preds['model'].unique())})")
+    if not ctx["adaptation"]["ran"]:
+        return preds
     if target not in site_role:
         raise ValueError(f"context['adaptation']['target_hospital'] is {target!r} but predictions has no rows "
                          f"for it (hospitals present: {sorted(site_role)})")
@@ -533,7 +574,6 @@ def site_metrics(rows: pd.DataFrame, threshold: float, cfg: ReportConfig) -> dic
 def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
     threshold = float(ctx["threshold"])
     primary = ctx["primary_model"]
-    target = ctx["adaptation"]["target_hospital"]
     site_role = preds.groupby("hospital")["role"].first().to_dict()
     primary_rows = preds[preds["model"] == primary]
 
@@ -543,34 +583,10 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
         if len(rows):
             per_hospital[hospital] = {"role": site_role[hospital], **_evaluate(rows, threshold, cfg)}
 
-    on_target = preds[preds["hospital"] == target]
-    baseline = on_target[on_target["model"] == BASELINE_MODEL]
-    methods: dict[str, dict] = {}
-    for method in ctx["adaptation"]["methods"]:
-        rows = on_target[on_target["model"] == method]
-        entry = _evaluate(rows, threshold, cfg)
-        if len(baseline) and method != BASELINE_MODEL:
-            entry["delta_auc_vs_baseline"] = auc_difference(
-                rows["label"].to_numpy(), rows["prob"].to_numpy(),
-                baseline["label"].to_numpy(), baseline["prob"].to_numpy(),
-                groups_a=rows["patient_id"].to_numpy(), groups_b=baseline["patient_id"].to_numpy(),
-                n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, seed=_BOOTSTRAP_SEED)
-        methods[method] = entry
-
-    adapted = {m: e["auc"]["value"] for m, e in methods.items()
-               if m != BASELINE_MODEL and not math.isnan(e["auc"]["value"])}
-    best = max(adapted, key=adapted.get) if adapted else None
-    if BASELINE_MODEL in methods:
-        baseline_auc = methods[BASELINE_MODEL]["auc"]
-    elif len(baseline):
-        baseline_auc = _bootstrap(baseline, threshold, cfg)["auc"]
-    else:
-        baseline_auc = None
-
     limitations = [{"text": item.removeprefix(REPORT_DEFAULT_MARKER).strip(),
                     "default": item.startswith(REPORT_DEFAULT_MARKER)} for item in ctx["limitations"]]
     metrics = {
-        "schema_version": 2,
+        "schema_version": 3,
         "title": ctx["title"],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"threshold": threshold, "threshold_source": ctx["threshold_source"],
@@ -578,19 +594,25 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
                      "calibration_bins": cfg.calibration_bins, "bootstrap_unit": "patient",
                      "bootstrap_seed": _BOOTSTRAP_SEED},
         "primary_model": primary,
+        "comparison_model": ctx.get("comparison_model"),
         "intended_use": {"text": ctx["intended_use"].removeprefix(REPORT_DEFAULT_MARKER).strip(),
                          "is_default": ctx["intended_use"].startswith(REPORT_DEFAULT_MARKER)},
         "data_provenance": _data_provenance(ctx),
+        "data_use": _data_use_section(ctx),
         "model_development": {"backbone_ranking": ctx["backbone_ranking"],
+                              "backbone_selection": ctx.get("backbone_selection") or {},
                               "finetune": {k: v for k, v in ctx["finetune"].items() if k != "negative_transfer"}},
         "negative_transfer": _negative_transfer(ctx["finetune"]),
+        "deployed_model": _deployed_model(ctx, threshold),
         "per_hospital": per_hospital,
+        "recalibration": _recalibration(primary_rows, per_hospital, cfg),
         "operating_point": _operating_point(primary_rows, per_hospital, threshold, ctx["threshold_source"]),
         "subgroups": {"model": primary, "attributes": _subgroups(primary_rows, ctx, per_hospital, threshold, cfg)},
         "shift_diagnostics": ctx["shift_diagnostics"],
-        "adaptation": {"target_hospital": target, "baseline_model": BASELINE_MODEL,
-                       "baseline_auc": baseline_auc, "best_method": best, "methods": methods,
-                       "selection": _as_list(ctx["adaptation"].get("selection"))},
+        "label_shift": _label_shift(ctx, per_hospital),
+        "shortcut_audit": _shortcut_section(ctx.get("shortcut_audit")),
+        "performance_estimates": _performance_estimates(ctx, per_hospital),
+        "adaptation": _adaptation(preds, ctx, threshold, cfg),
         "failure_examples": _failure_examples(primary_rows, threshold, cfg.failure_examples),
         "limitations": {"items": limitations},
     }
@@ -601,6 +623,184 @@ def _compute(preds: pd.DataFrame, ctx: dict, cfg: ReportConfig) -> dict:
     metrics["summary"] = {"paragraphs": _plain_summary(metrics)}
     metrics["warnings"] = _warnings(metrics, ctx)
     return metrics
+
+
+def _adaptation(preds: pd.DataFrame, ctx: dict, threshold: float, cfg: ReportConfig) -> dict:
+    """Every adaptation run on the target next to the deployed model and the fine-tuned model before adaptation.
+
+    The run with the best AUC on the target is found with the target's labels: it is reported as
+    ``upper_bound`` (what the best candidate reached, which no label-free choice is guaranteed to find), never as
+    the result. ``deployed`` is the deployed model there, with its paired AUC difference to the comparison model.
+    """
+    adaptation = ctx["adaptation"]
+    target = adaptation["target_hospital"]
+    if not adaptation["ran"]:
+        return {"ran": False, "target_hospital": target, "methods": {}, "baseline_model": BASELINE_MODEL,
+                "baseline_auc": None, "upper_bound": None, "deployed": None, "before_adaptation": None,
+                "selection": [],
+                "reason": adaptation.get("reason") or "adaptation did not run"}
+    on_target = preds[preds["hospital"] == target]
+    baseline = on_target[on_target["model"] == BASELINE_MODEL]
+
+    def paired_delta(rows: pd.DataFrame, reference: pd.DataFrame) -> dict:
+        return auc_difference(rows["label"].to_numpy(), rows["prob"].to_numpy(), reference["label"].to_numpy(),
+                              reference["prob"].to_numpy(), groups_a=rows["patient_id"].to_numpy(),
+                              groups_b=reference["patient_id"].to_numpy(), n_bootstrap=cfg.n_bootstrap,
+                              confidence=cfg.confidence, seed=_BOOTSTRAP_SEED)
+
+    methods: dict[str, dict] = {}
+    for method in adaptation["methods"]:
+        rows = on_target[on_target["model"] == method]
+        entry = _evaluate(rows, threshold, cfg)
+        if len(baseline) and method != BASELINE_MODEL:
+            entry["delta_auc_vs_baseline"] = paired_delta(rows, baseline)
+        methods[method] = entry
+    adapted = {m: e["auc"]["value"] for m, e in methods.items()
+               if m != BASELINE_MODEL and not math.isnan(e["auc"]["value"])}
+    best = max(adapted, key=adapted.get) if adapted else None
+    baseline_auc = (methods[BASELINE_MODEL]["auc"] if BASELINE_MODEL in methods
+                    else _bootstrap(baseline, threshold, cfg)["auc"] if len(baseline) else None)
+    deployed_rows = on_target[on_target["model"] == ctx["primary_model"]]
+    comparison = ctx.get("comparison_model")
+    comparison_rows = on_target[on_target["model"] == comparison] if comparison else on_target.iloc[:0]
+    deployed = None
+    if len(deployed_rows):
+        deployed = {"model": ctx["primary_model"], "candidate": adaptation.get("deployed_candidate"),
+                    "uses_target_labels": False, **_evaluate(deployed_rows, threshold, cfg)}
+    before = None
+    if len(comparison_rows):
+        before = {"model": comparison, **_evaluate(comparison_rows, threshold, cfg)}
+        if len(baseline):
+            before["delta_auc_vs_baseline"] = paired_delta(comparison_rows, baseline)
+        if deployed is not None:
+            deployed["comparison_model"] = comparison
+            deployed["comparison_auc"] = before["auc"]
+            deployed["delta_auc_vs_comparison"] = paired_delta(deployed_rows, comparison_rows)
+    return {"ran": True, "target_hospital": target, "baseline_model": BASELINE_MODEL, "baseline_auc": baseline_auc,
+            "upper_bound": (None if best is None else
+                            {"method": best, "auc": methods[best]["auc"], "uses_target_labels": True,
+                             "note": "the run with the best AUC on the target's labeled images: chosen with those "
+                                     "labels, an upper bound on what a label-free choice among these runs could "
+                                     "reach, not a result"}),
+            "deployed": deployed, "before_adaptation": before, "methods": methods,
+            "selection": _as_list(adaptation.get("selection"))}
+
+
+def _deployed_model(ctx: dict, threshold: float) -> dict:
+    """What is deployed: the model, where it came from, its operating point, calibration and prior correction."""
+    deployed = ctx["deployed"]
+    return {"model": ctx["primary_model"], "origin": deployed["origin"], "file": deployed.get("file"),
+            "sha256": deployed.get("sha256"), "backbone": deployed.get("backbone"), "threshold": threshold,
+            "threshold_source": ctx["threshold_source"], "calibration": deployed["calibration"],
+            "label_shift": deployed["label_shift"], "comparison_model": ctx.get("comparison_model")}
+
+
+def _data_use_section(ctx: dict) -> dict:
+    """The data-use table, and whether every external hospital was read by evaluation alone."""
+    use = ctx["data_use"]
+    # separate models (leave-one-hospital-out) do not build the deployed model; evaluation must read every site
+    building = [key for key, stage in use["stages"].items() if stage.get("ran") and key not in ("evaluation", "loho")]
+    breaches = []
+    for row in use["hospitals"]:
+        if row["role"] != "external":
+            continue
+        for key in building:
+            n = row["read"].get(key)
+            if n:
+                breaches.append({"hospital": row["hospital"], "stage": key,
+                                 "stage_label": use["stages"][key]["label"], "images": n})
+    return {"stages": use["stages"], "hospitals": use["hospitals"], "notes": list(use.get("notes") or []),
+            "external_unseen": not breaches, "breaches": breaches}
+
+
+def _recalibration(primary_rows: pd.DataFrame, per_hospital: dict, cfg: ReportConfig) -> dict:
+    """Per site, the ECE of the network's own probabilities next to the deployed ones (after recalibration and,
+    at the target, the prior correction), when the predictions carry both."""
+    if "raw_prob" not in primary_rows or primary_rows["raw_prob"].isna().all():
+        return {"available": False, "sites": [],
+                "reason": "the predictions carry no raw_prob column (the network's probabilities before "
+                          "recalibration)"}
+    sites = []
+    for hospital, m in per_hospital.items():
+        rows = primary_rows[primary_rows["hospital"] == hospital]
+        raw = rows.assign(prob=rows["raw_prob"].astype("float64"))
+        before = binary_metrics(raw["label"].to_numpy(), raw["prob"].to_numpy(),
+                                groups=raw["patient_id"].to_numpy(), n_bootstrap=cfg.n_bootstrap,
+                                confidence=cfg.confidence, n_bins=cfg.calibration_bins, seed=_BOOTSTRAP_SEED)
+        sites.append({"hospital": hospital, "role": m["role"], "ece_network": before["ece"], "ece_deployed": m["ece"],
+                      "brier_network": before["brier"], "brier_deployed": m["brier"]})
+    return {"available": True, "sites": sites}
+
+
+def _label_shift(ctx: dict, per_hospital: dict) -> dict:
+    """Estimated prevalence of the finding per site (from images without their labels) next to the source
+    hospitals' and, where labels exist, the true one, as a check of the estimate."""
+    estimates = ctx.get("prevalence")
+    if not estimates:
+        return {"available": False, "sites": [], "reason": "the run estimated no prevalence (medtl deploy)"}
+    sites = []
+    for hospital, entry in sorted(estimates.items(), key=lambda item: _cohort_position(ctx, item[0])):
+        measured = per_hospital.get(hospital)
+        true = measured["n_positive"] / measured["n"] if measured else None
+        sites.append({"hospital": hospital, "role": entry["role"], "images": entry["images"],
+                      "bbse": entry["bbse"], "em": entry["em"], "inconsistent": entry.get("inconsistent"),
+                      "true_prevalence": true,
+                      "true_prevalence_n": measured["n"] if measured else None})
+    source = next((e[m]["source_prevalence"] for e in estimates.values() for m in ("em", "bbse")
+                   if e[m].get("source_prevalence") is not None), None)
+    applied = ctx["deployed"]["label_shift"]
+    return {"available": True, "sites": sites, "source_prevalence": source, "correction": applied,
+            "references": ["Lipton, Wang & Smola, ICML 2018 (BBSE)", "Saerens, Latinne & Decaestecker, Neural "
+                           "Computation 2002 (EM)", "Alexandari, Kundaje & Shrikumar, ICML 2020 (calibration "
+                           "for EM)"]}
+
+
+def _cohort_position(ctx: dict, hospital: str) -> tuple[int, str]:
+    """Where ``hospital`` comes in the report's order (the cohort's: source, target, external)."""
+    order = [row["hospital"] for row in ctx["cohort"]]
+    return (order.index(hospital) if hospital in order else len(order), hospital)
+
+
+def _shortcut_section(audit: dict | None) -> dict:
+    if audit is None:
+        return {"available": False, "label": [], "hospital": None, "warnings": [],
+                "reason": "the run did not audit the acquisition fields"}
+    return {"available": True, **audit}
+
+
+def _expected_figure(row: dict) -> str:
+    """One label-free estimate for the summary: its AUC, or its accuracy when it gives no AUC (ATC out of reach)."""
+    name = _ESTIMATE_NAMES[row["method"]]
+    if math.isnan(_num(row["auc"]["value"])):
+        return f"accuracy at the operating threshold {_fmt_ci(row['accuracy'])} ({name}; no AUC estimate)"
+    return f"AUC {_fmt_ci(row['auc'])} ({name})"
+
+
+def _performance_estimates(ctx: dict, per_hospital: dict) -> dict:
+    """Per site, the label-free estimates of AUC and accuracy (ATC; the adaptation candidates' agreement at the
+    target) next to the measured values where labels exist."""
+    estimates = ctx.get("performance_estimates")
+    if not estimates:
+        return {"available": False, "sites": [], "reason": "the run estimated no performance without labels"}
+    sites = []
+    for hospital, entry in sorted(estimates.items(), key=lambda item: _cohort_position(ctx, item[0])):
+        measured = per_hospital.get(hospital)
+        rows = []
+        for method in ("atc", "agreement"):
+            if method in entry:  # NaN, not None, for numbers a JSON round trip left undefined
+                found = {**entry[method], "auc": _interval(entry[method]["auc"]),
+                         "accuracy": _interval(entry[method]["accuracy"])}
+                rows.append({"method": method, "auc": found["auc"], "accuracy": found["accuracy"],
+                             "n": found.get("n"), "notes": found.get("notes") or [], "estimate": found})
+        sites.append({"hospital": hospital, "role": entry["role"], "images": entry["images"], "estimates": rows,
+                      "measured_auc": measured["auc"] if measured else None,
+                      "measured_accuracy": measured["accuracy"] if measured else None,
+                      "note": entry.get("agreement_unavailable")})
+    source = next((e["atc"].get("details", {}) for e in estimates.values() if "atc" in e), {})
+    return {"available": True, "sites": sites, "source_validation_auc": source.get("source_auc"),
+            "source_validation_accuracy": source.get("source_accuracy"),
+            "references": ["Garg et al., ICLR 2022 (ATC)", "Jiang et al., ICLR 2022; Baek et al., NeurIPS 2022 "
+                           "(agreement)"]}
 
 
 def _sections(metrics: dict) -> dict[str, str]:
@@ -708,7 +908,8 @@ def _operating_point(primary_rows: pd.DataFrame, per_hospital: dict, threshold: 
         sites.append({"hospital": hospital, "role": m["role"],
                       "tp": int((flagged & finding).sum()), "fn": int((~flagged & finding).sum()),
                       "tn": int((~flagged & ~finding).sum()), "fp": int((flagged & ~finding).sum()),
-                      "sensitivity": m["sensitivity"], "specificity": m["specificity"]})
+                      "sensitivity": m["sensitivity"], "specificity": m["specificity"], "ppv": m["ppv"],
+                      "npv": m["npv"]})
     return {"threshold": threshold, "threshold_source": source, "rule": "positive when P(finding) >= threshold",
             "per_site": sites}
 
@@ -855,15 +1056,47 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
         out.append(f"Negative transfer: {negative['message']}; {action}.")
 
     adapt = metrics["adaptation"]
-    best, baseline_auc = adapt["best_method"], adapt["baseline_auc"]
-    if best is not None and baseline_auc is not None:
-        delta = adapt["methods"][best].get("delta_auc_vs_baseline")
-        if delta is not None and delta["value"] <= 0:
-            out.append(f"Adaptation did not beat {BASELINE_MODEL} on {adapt['target_hospital']}: best method "
-                       f"{best} changes AUC by {delta['value']:+.3f}.")
-        elif delta is not None and not math.isnan(delta["ci_low"]) and delta["ci_low"] <= 0:
-            out.append(f"The AUC gain of {best} over {BASELINE_MODEL} on {adapt['target_hospital']} "
-                       f"({delta['value']:+.3f}) is within bootstrap noise ({level} CI includes 0).")
+    deployed = adapt.get("deployed") or {}
+    delta = deployed.get("delta_auc_vs_comparison")
+    if delta is not None and not math.isnan(delta["value"]):
+        where, versus = adapt["target_hospital"], f"the fine-tuned model before adaptation ({deployed['comparison_model']})"
+        if delta["value"] <= 0:
+            out.append(f"At {where}, the deployed adapted model does not beat {versus}: AUC changes by "
+                       f"{_fmt_ci(delta, signed=True)}.")
+        elif not math.isnan(delta["ci_low"]) and delta["ci_low"] <= 0:
+            out.append(f"At {where}, the deployed adapted model's AUC gain over {versus} ({delta['value']:+.3f}) is "
+                       f"within bootstrap noise ({level} CI includes 0).")
+
+    use = metrics["data_use"]
+    for breach in use["breaches"]:
+        out.append(f"{breach['hospital']} is called external, but {breach['stage_label']} read "
+                   f"{breach['images']} of its images: its results are not those of a hospital the model never saw.")
+    out += list(metrics["shortcut_audit"].get("warnings") or [])
+    estimates = metrics["performance_estimates"]
+    if estimates["available"] and estimates["source_validation_auc"] is not None:
+        for site in estimates["sites"]:
+            for row in site["estimates"]:
+                warning = estimated_drop_warning(row["estimate"], estimates["source_validation_auc"],
+                                                 site=site["hospital"],
+                                                 source_accuracy=estimates.get("source_validation_accuracy"))
+                if warning:
+                    out.append(warning)
+                    break  # one warning per site: the other estimate is in the section
+    shift = metrics["label_shift"]
+    if shift["available"] and shift["source_prevalence"] is not None:
+        for site in shift["sites"]:
+            if site.get("inconsistent"):
+                out.append(f"{site['hospital']}: the finding's prevalence cannot be estimated without labels: "
+                           f"{site['inconsistent']}.")
+                continue
+            estimate = site["em"] if site["em"].get("prevalence") is not None else site["bbse"]
+            low, high = estimate.get("ci_low"), estimate.get("ci_high")
+            if low is not None and high is not None and not low <= shift["source_prevalence"] <= high:
+                out.append(f"{site['hospital']}: the finding's prevalence, estimated without labels from "
+                           f"{site['images']}, is {estimate['prevalence']:.2f} [{low:.2f}–{high:.2f}] "
+                           f"({estimate['method']}) against {shift['source_prevalence']:.2f} at the source: "
+                           "predictive values and the accuracy at the operating point change with it "
+                           "(adapt.label_shift corrects the probabilities at the target).")
 
     ingest = ctx["ingest"]
     accounted = ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"]
@@ -878,19 +1111,24 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
 
 def _figures(preds: pd.DataFrame, metrics: dict, cfg: ReportConfig) -> dict[str, dict[str, str]]:
     primary = metrics["primary_model"]
-    target = metrics["adaptation"]["target_hospital"]
+    adapt = metrics["adaptation"]
+    target = adapt["target_hospital"]
     threshold = metrics["settings"]["threshold"]
     hospital_curves = [(f"{h} ({m['role']})", preds[(preds["model"] == primary) & (preds["hospital"] == h)], m)
                        for h, m in metrics["per_hospital"].items()]
-    method_curves = [(method, preds[(preds["model"] == method) & (preds["hospital"] == target)], m)
-                     for method, m in metrics["adaptation"]["methods"].items()]
-    roc_title, adapt_title = f"ROC of {primary} per hospital", f"ROC on {target} (target) per method"
-    return {
+    roc_title = f"ROC of the {primary} model per hospital"
+    figures = {
         "roc_hospitals": {"title": roc_title, "png": _roc_figure(hospital_curves, threshold, roc_title)},
-        "calibration": {"title": f"Calibration of {primary} per hospital",
+        "calibration": {"title": f"Calibration of the {primary} model per hospital",
                         "png": _calibration_figure(hospital_curves, cfg.calibration_bins)},
-        "roc_adaptation": {"title": adapt_title, "png": _roc_figure(method_curves, threshold, adapt_title)},
+        "roc_adaptation": None,
     }
+    if adapt["ran"]:
+        method_curves = [(method, preds[(preds["model"] == method) & (preds["hospital"] == target)], m)
+                         for method, m in adapt["methods"].items()]
+        adapt_title = f"ROC on {target} (target) per method"
+        figures["roc_adaptation"] = {"title": adapt_title, "png": _roc_figure(method_curves, threshold, adapt_title)}
+    return figures
 
 
 def _roc_figure(curves: list[tuple[str, pd.DataFrame, dict]], threshold: float, title: str) -> str:
@@ -993,6 +1231,11 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+def _interval(m: dict) -> dict[str, float]:
+    """``{value, ci_low, ci_high}`` as floats, NaN where undefined (None after a JSON round trip)."""
+    return {key: _num(m.get(key)) for key in ("value", "ci_low", "ci_high")}
+
+
 def _num(value: Any) -> float:
     """A float, NaN for None (a JSON round trip turns NaN into None)."""
     return float("nan") if value is None else float(value)
@@ -1024,7 +1267,10 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
     adapt = metrics["adaptation"]
     ingest = ctx["ingest"]
     ranking_columns = list(dict.fromkeys(["rank", "backbone", "logme", "linear_probe_auc",
-                                          *(k for row in ctx["backbone_ranking"] for k in row if k != "chosen")]))
+                                          *(k for row in ctx["backbone_ranking"] for k in row
+                                            if k != "chosen" and k not in _TARGET_RANKING_COLUMNS)]))
+    target_columns = ["rank", "backbone", *(k for k in _TARGET_RANKING_COLUMNS
+                                            if any(k in row for row in ctx["backbone_ranking"]))]
     limitations = metrics["limitations"]["items"]
     view = {
         "pdf": pdf,
@@ -1050,13 +1296,17 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
         "ranking_columns": [_COLUMN_TITLES.get(c, c.replace("_", " ").capitalize()) for c in ranking_columns],
         "ranking": [{"cells": [_fmt_value(row.get(c)) for c in ranking_columns], "chosen": bool(row["chosen"])}
                     for row in sorted(ctx["backbone_ranking"], key=lambda r: r["rank"])],
+        "target_ranking_columns": ([_COLUMN_TITLES.get(c, c) for c in target_columns]
+                                   if len(target_columns) > 2 else []),
+        "target_ranking": [{"cells": [_fmt_value(row.get(c)) for c in target_columns], "chosen": bool(row["chosen"])}
+                           for row in sorted(ctx["backbone_ranking"], key=lambda r: r["rank"])],
         "finetune": [(k, _fmt_value(v)) for k, v in metrics["model_development"]["finetune"].items()],
         "negative_transfer": _negative_transfer_view(metrics["negative_transfer"]),
         "roles": _ROLE_HELP,
         "hospitals": [{"hospital": h, "role": m["role"], "n": m["n"], "n_patients": m["n_patients"],
                        "n_positive": m["n_positive"], **_metric_cells(m)}
                       for h, m in metrics["per_hospital"].items()],
-        "operating": [{**row, **_metric_cells(row, ("sensitivity", "specificity"))}
+        "operating": [{**row, **_metric_cells(row, ("sensitivity", "specificity", "ppv", "npv"))}
                       for row in metrics["operating_point"]["per_site"]],
         "operating_lines": [_operating_line(row) for row in metrics["operating_point"]["per_site"]],
         "subgroups": [{**a, "groups": [{**g, **_metric_cells(g, ("auc", "sensitivity", "specificity"))}
@@ -1064,10 +1314,30 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
         "shift": _shift_view(metrics["shift_diagnostics"]),
         "target": adapt["target_hospital"],
         "baseline_model": BASELINE_MODEL,
+        "adapt": {"ran": adapt["ran"], "reason": adapt.get("reason"),
+                  "upper_bound": (adapt.get("upper_bound") or {}).get("method"),
+                  "deployed": None if not adapt.get("deployed") else {
+                      "candidate": adapt["deployed"].get("candidate") or "", "n": adapt["deployed"]["n"],
+                      "n_patients": adapt["deployed"]["n_patients"], **_metric_cells(adapt["deployed"]),
+                      "delta": _delta_cell("", {"delta_auc_vs_baseline": adapt["deployed"].get(
+                          "delta_auc_vs_comparison")}),
+                      "comparison": adapt["deployed"].get("comparison_model")},
+                  "before": None if not adapt.get("before_adaptation") else {
+                      "model": adapt["before_adaptation"]["model"], "n": adapt["before_adaptation"]["n"],
+                      "n_patients": adapt["before_adaptation"]["n_patients"],
+                      **_metric_cells(adapt["before_adaptation"]),
+                      "delta": _delta_cell("", adapt["before_adaptation"])}},
         "methods": [{"method": name, "n": m["n"], "n_patients": m["n_patients"], **_metric_cells(m),
                      "delta": _delta_cell(name, m),
-                     "best": name == adapt["best_method"]}
+                     "upper_bound": name == (adapt.get("upper_bound") or {}).get("method")}
                     for name, m in adapt["methods"].items()],
+        "deployed": _deployed_view(metrics["deployed_model"]),
+        "data_use": _data_use_view(metrics["data_use"]),
+        "recalibration": _recalibration_view(metrics["recalibration"]),
+        "label_shift": _label_shift_view(metrics["label_shift"]),
+        "shortcuts": _shortcut_view(metrics["shortcut_audit"]),
+        "expected": _expected_view(metrics["performance_estimates"]),
+        "selection_block": _selection_view(metrics["model_development"]["backbone_selection"]),
         "adaptation_notes": _as_list(ctx["adaptation"].get("notes")),
         "selection": [{**row, "target_auc": _fmt_value(row.get("target_auc")),
                        "auc_gap_to_oracle": _fmt_value(row.get("auc_gap_to_oracle")),
@@ -1081,9 +1351,115 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
         "limitations": limitations,
         "limitations_default": any(item["default"] for item in limitations),
         "tripod": metrics["tripod_ai"]["items"],
-        "fig": {name: figure["png"] for name, figure in metrics["figures"].items()},
+        "fig": {name: figure["png"] if figure else None for name, figure in metrics["figures"].items()},
     }
     return env.get_template("report.html").render(**view)
+
+
+def _deployed_view(block: dict) -> dict:
+    """Key-value rows that say what exactly is deployed and how it is used."""
+    origin, calibration, shift = block["origin"], block["calibration"], block["label_shift"]
+    rows = [("model", origin["description"]), ("file", block.get("file") or "—"),
+            ("SHA-256", block.get("sha256") or "—"), ("starts from", block.get("backbone") or "—"),
+            ("made by", f"the {origin['stage']} stage ({origin['file']})"),
+            ("operating threshold", f"{block['threshold']:.3f}, {block['threshold_source']}")]
+    if calibration["method"] == "none":
+        rows.append(("calibration", "none: the network's own probabilities (report.recalibrate: none)"))
+    else:
+        rows.append(("calibration", f"{calibration['method']} on the {calibration['fitted_on']}: temperature "
+                                    f"{calibration['temperature']:.3f}, negative log-likelihood "
+                                    f"{calibration['nll_before']:.3f} → {calibration['nll_after']:.3f}"))
+    if shift.get("applied"):
+        rows.append(("prevalence correction", shift["rule"]))
+    else:
+        rows.append(("prevalence correction", shift.get("reason") or f"none (adapt.label_shift: {shift['method']})"))
+    rows += [("note", note) for note in origin.get("notes") or []]
+    if shift.get("note"):
+        rows.append(("note", shift["note"]))
+    return {"rows": rows, "comparison": block.get("comparison_model")}
+
+
+def _data_use_view(use: dict) -> dict:
+    stages = list(use["stages"].items())
+    rows = [{"hospital": row["hospital"], "role": row["role"], "images": _fmt_value(row["images"]),
+             "cells": [("not run" if row["read"][key] is None else _fmt_value(row["read"][key]),
+                        row["role"] == "external" and bool(row["read"][key]) and key not in ("evaluation", "loho"))
+                       for key, _ in stages]}
+            for row in use["hospitals"]]
+    return {"stages": [stage.get("heading", stage["label"]) for _, stage in stages], "rows": rows,
+            "legend": "; ".join(f"{stage.get('heading', stage['label'])}: {stage['label']}" for _, stage in stages
+                                if stage.get("heading", stage["label"]) != stage["label"]),
+            "notes": use["notes"], "external_unseen": use["external_unseen"]}
+
+
+def _recalibration_view(block: dict) -> dict:
+    return {"available": block["available"], "reason": block.get("reason", ""),
+            "rows": [{"hospital": r["hospital"], "role": r["role"],
+                      **{k: dict(zip(("value", "ci"), _ci_parts(r[k])))
+                         for k in ("ece_network", "ece_deployed", "brier_network", "brier_deployed")}}
+                     for r in block["sites"]]}
+
+
+def _prevalence_cell(estimate: dict) -> dict[str, str]:
+    if estimate.get("prevalence") is None:
+        return {"value": "n/a", "ci": estimate.get("reason", "")[:120]}
+    return {"value": f"{estimate['prevalence'] * 100:.1f} %",
+            "ci": f"[{_pct_or_na(estimate.get('ci_low'))}–{_pct_or_na(estimate.get('ci_high'))}]"}
+
+
+def _label_shift_view(block: dict) -> dict:
+    if not block["available"]:
+        return {"available": False, "reason": block["reason"]}
+    return {"available": True, "source": _pct_or_na(block["source_prevalence"]),
+            "correction": block["correction"], "references": "; ".join(block["references"]),
+            "rows": [{"hospital": r["hospital"], "role": r["role"], "images": r["images"],
+                      "bbse": _prevalence_cell(r["bbse"]), "em": _prevalence_cell(r["em"]),
+                      "inconsistent": r.get("inconsistent") or "",
+                      "true": "—" if r["true_prevalence"] is None else
+                      f"{r['true_prevalence'] * 100:.1f} % (n = {r['true_prevalence_n']})"} for r in block["sites"]]}
+
+
+def _shortcut_view(audit: dict) -> dict:
+    if not audit["available"]:
+        return {"available": False, "reason": audit["reason"]}
+    rows = []
+    for row in audit["label"]:
+        fields = ", ".join(f"{f['field']} {_fmt_value(f['auc'])}" for f in (row.get("field_auc") or [])[:3])
+        rows.append({"hospital": row["hospital"], "n": _fmt_value(row.get("n")),
+                     "auc": dict(zip(("value", "ci"), _ci_parts(_interval(row["auc"])))) if row.get("auc") else
+                     {"value": "n/a", "ci": ""}, "predictable": bool(row.get("predictable")),
+                     "fields": fields or (row.get("reason") or "—")})
+    hospital = audit.get("hospital") or {}
+    return {"available": True, "rows": rows, "threshold": f"{audit['threshold']:.2f}",
+            "hospital_auc": (_fmt_ci(_interval(hospital["auc"])) if hospital.get("auc") else
+                             hospital.get("reason", "n/a")),
+            "hospital_fields": ", ".join(f["field"] for f in (hospital.get("field_auc") or [])[:3]),
+            "fields_used": ", ".join(hospital.get("fields_used") or []), "reference": audit["reference"]}
+
+
+def _expected_view(block: dict) -> dict:
+    if not block["available"]:
+        return {"available": False, "reason": block["reason"]}
+    rows = []
+    for site in block["sites"]:
+        for row in site["estimates"]:
+            rows.append({"hospital": site["hospital"], "role": site["role"], "images": site["images"],
+                         "method": _ESTIMATE_NAMES[row["method"]],
+                         "auc": dict(zip(("value", "ci"), _ci_parts(row["auc"]))),
+                         "accuracy": dict(zip(("value", "ci"), _ci_parts(row["accuracy"]))),
+                         "measured_auc": (dict(zip(("value", "ci"), _ci_parts(site["measured_auc"])))
+                                          if site["measured_auc"] else {"value": "—", "ci": ""}),
+                         "measured_accuracy": (dict(zip(("value", "ci"), _ci_parts(site["measured_accuracy"])))
+                                               if site["measured_accuracy"] else {"value": "—", "ci": ""})})
+    source = block["source_validation_auc"]
+    return {"available": True, "rows": rows, "source_auc": "n/a" if source is None else f"{source:.3f}",
+            "references": "; ".join(block["references"]),
+            "notes": [f"{s['hospital']}: {s['note']}" for s in block["sites"] if s.get("note")]}
+
+
+def _selection_view(block: dict) -> dict:
+    target = block.get("target_aware") or None
+    return {"rank_by": block.get("rank_by") or "logme", "target_aware": target}
 
 
 def _site_row(row: dict) -> dict:
@@ -1242,14 +1618,12 @@ def _metric_notes(metrics: dict) -> list[str]:
     adapt = metrics["adaptation"]
     scopes = [(f"{metrics['primary_model']} on {h}", m) for h, m in metrics["per_hospital"].items()]
     scopes += [(f"{name} on {adapt['target_hospital']}", m) for name, m in adapt["methods"].items()]
+    if adapt.get("deployed"):
+        scopes.append((f"{metrics['primary_model']} on {adapt['target_hospital']} (adaptation table)",
+                       adapt["deployed"]))
     scopes += [(f"{metrics['primary_model']}, subgroup {g['group']}", g)
                for a in metrics["subgroups"]["attributes"] if a["attribute"] != "hospital" for g in a["groups"]]
     return [f"{scope}: {note}" for scope, m in scopes for note in m["notes"]]
-
-
-def _best_line(adapt: dict) -> tuple[str, dict] | None:
-    best = adapt["best_method"]
-    return (best, adapt["methods"][best]) if best is not None else None
 
 
 def _plain_summary(metrics: dict) -> list[str]:
@@ -1258,20 +1632,52 @@ def _plain_summary(metrics: dict) -> list[str]:
     adapt = metrics["adaptation"]
     roles = {r: [h for h, m in per.items() if m["role"] == r] for r in ROLES}
     n_patients = sum(m["n_patients"] for m in per.values())
+    deployed_model = metrics["deployed_model"]
     paragraphs = [
-        f"This report checks how well the model “{metrics['primary_model']}” detects the finding on "
-        f"{n_patients:,} patients from {len(per)} hospital{'s' if len(per) != 1 else ''}: "
+        f"This report checks how well the deployed model ({deployed_model['origin']['description']}; the file "
+        f"{deployed_model['file'] or 'named in “Deployed model”'}) detects the finding on {n_patients:,} patients "
+        f"from {len(per)} hospital{'s' if len(per) != 1 else ''}: "
         + "; ".join(f"{', '.join(hs)} ({role})" for role, hs in roles.items() if hs) + ". "
-        f"Every number carries a {level} confidence interval from resampling patients.",
+        f"Every number describes that model and carries a {level} confidence interval from resampling patients.",
     ]
     site_lines = [f"{h} ({m['role']}) AUC {_fmt_ci(m['auc'])}" for h, m in per.items()]
     paragraphs.append("Discrimination (AUC; 0.5 = chance, 1.0 = perfect): " + ", ".join(site_lines) + ".")
-    best = _best_line(adapt)
-    if adapt["baseline_auc"] is not None and best is not None:
+    deployed = adapt.get("deployed")
+    if adapt["ran"] and deployed is not None and deployed.get("comparison_auc") is not None:
         paragraphs.append(
-            f"On the target hospital {adapt['target_hospital']}, AUC was {_fmt_ci(adapt['baseline_auc'])} "
-            f"without adaptation ({BASELINE_MODEL}) and {_fmt_ci(best[1]['auc'])} after the best adaptation "
-            f"method ({best[0]}); difference {_fmt_delta(best[1].get('delta_auc_vs_baseline'))}.")
+            f"At the target hospital {adapt['target_hospital']}, the deployed model was adapted and chosen without "
+            f"its labels; it reaches AUC {_fmt_ci(deployed['auc'])}, against {_fmt_ci(deployed['comparison_auc'])} "
+            f"for the fine-tuned model before adaptation (difference "
+            f"{_fmt_delta(deployed.get('delta_auc_vs_comparison'))}). Numbers chosen with the target's labels "
+            "appear only in “Adaptation”, as upper bounds.")
+    elif not adapt["ran"]:
+        paragraphs.append(f"No adaptation: {adapt['reason']}.")
+    shift = metrics["label_shift"]
+    target_shift = next((site for site in shift["sites"] if site["role"] == "target"), None)
+    if target_shift is not None and target_shift.get("inconsistent"):
+        paragraphs.append(f"The finding's prevalence at {target_shift['hospital']} cannot be estimated without its "
+                          f"labels ({target_shift['inconsistent']}); no prevalence correction is applied.")
+    elif target_shift is not None and target_shift["em"].get("prevalence") is not None:
+        em = target_shift["em"]
+        correction = deployed_model["label_shift"]
+        paragraphs.append(
+            f"Estimated without labels, the finding's prevalence at {target_shift['hospital']} is "
+            f"{em['prevalence'] * 100:.0f} % [{_pct_or_na(em.get('ci_low'))}–{_pct_or_na(em.get('ci_high'))}] "
+            f"against {shift['source_prevalence'] * 100:.0f} % at the source"
+            + (f"; the deployed probabilities there are corrected to it ({correction['method']})."
+               if correction.get("applied") else "; the deployed probabilities are not corrected for it "
+               "(adapt.label_shift: none)."))
+    estimates = metrics["performance_estimates"]
+    expected = [f"{site['hospital']} " + ", ".join(_expected_figure(row) for row in site["estimates"])
+                for site in estimates["sites"] if site["role"] != "source" and site["estimates"]]
+    if expected:
+        paragraphs.append("Expected without any label of those hospitals (an estimate, checked against the "
+                          "measured values in “Performance expected without labels”): " + ", ".join(expected) + ".")
+    audit = metrics["shortcut_audit"]
+    predictable = [row["hospital"] for row in audit.get("label") or [] if row.get("predictable")]
+    if predictable:
+        paragraphs.append("At " + ", ".join(predictable) + ", the label can be predicted from the acquisition alone "
+                          "(image size, view, device…): see “Shortcut and confounder audit”.")
     paragraphs.append(
         f"Sensitivity and specificity are given at one fixed threshold, {metrics['settings']['threshold']:.3f}, "
         f"chosen on {metrics['settings']['threshold_source']} and applied unchanged to every hospital; it was "
@@ -1296,14 +1702,16 @@ def _plain_summary(metrics: dict) -> list[str]:
 
 
 def _headline(metrics: dict) -> list[dict[str, str]]:
-    cards = [{"label": f"AUC · {h}", "sub": m["role"], "value": _fmt_value(m["auc"]["value"]),
-              "ci": _ci_parts(m["auc"])[1] or "n/a"} for h, m in metrics["per_hospital"].items()]
-    best = _best_line(metrics["adaptation"])
-    if best is not None:
-        cards.append({"label": f"AUC · {metrics['adaptation']['target_hospital']}",
-                      "sub": f"after {best[0]}", "value": _fmt_value(best[1]["auc"]["value"]),
-                      "ci": _ci_parts(best[1]["auc"])[1] or "n/a"})
-    return cards
+    """One card per hospital: the deployed model's AUC there (nothing chosen on what it measures)."""
+    return [{"label": f"AUC · {h}", "sub": m["role"], "value": _fmt_value(m["auc"]["value"]),
+             "ci": _ci_parts(m["auc"])[1] or "n/a"} for h, m in metrics["per_hospital"].items()]
+
+
+_ESTIMATE_NAMES = {"atc": "ATC", "agreement": "agreement of the adaptation candidates"}
+
+
+def _pct_or_na(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value * 100:.0f} %"
 
 
 def _md(text: Any) -> str:
@@ -1314,24 +1722,34 @@ def _md(text: Any) -> str:
 def _summary_markdown(metrics: dict) -> str:
     level = _pct(metrics["settings"]["confidence"])
     adapt = metrics["adaptation"]
+    deployed = metrics["deployed_model"]
     lines = [
         f"## {_md(metrics['title'])}",
         "",
-        f"Primary model **{_md(metrics['primary_model'])}**; threshold {metrics['settings']['threshold']:.3f} "
-        f"(chosen on {_md(metrics['settings']['threshold_source'])}); {level} patient-bootstrap CIs.",
+        f"Deployed model: **{_md(deployed['origin']['description'])}** (`{_md(deployed['file'])}`); threshold "
+        f"{metrics['settings']['threshold']:.3f} (chosen on {_md(metrics['settings']['threshold_source'])}); "
+        f"{level} patient-bootstrap CIs.",
         "",
-        "| Hospital | Role | Images (patients) | AUC | Sensitivity | Specificity | ECE |",
-        "|---|---|---|---|---|---|---|",
+        "| Hospital | Role | Images (patients) | AUC | Sensitivity | Specificity | PPV | NPV | ECE |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h, m in metrics["per_hospital"].items():
         lines.append(f"| {_md(h)} | {m['role']} | {m['n']} ({m['n_patients']}) | {_fmt_ci(m['auc'])} | "
-                     f"{_fmt_ci(m['sensitivity'])} | {_fmt_ci(m['specificity'])} | {_fmt_ci(m['ece'])} |")
-    lines += ["", f"**Adaptation on {_md(adapt['target_hospital'])}**", "",
-              f"| Method | AUC | ΔAUC vs {BASELINE_MODEL} |", "|---|---|---|"]
-    for name, m in adapt["methods"].items():
-        delta = "reference" if name == BASELINE_MODEL else _fmt_delta(m.get("delta_auc_vs_baseline"))
-        marker = " (best)" if name == adapt["best_method"] else ""
-        lines.append(f"| {_md(name)}{marker} | {_fmt_ci(m['auc'])} | {delta} |")
+                     f"{_fmt_ci(m['sensitivity'])} | {_fmt_ci(m['specificity'])} | {_fmt_ci(m['ppv'])} | "
+                     f"{_fmt_ci(m['npv'])} | {_fmt_ci(m['ece'])} |")
+    if adapt["ran"]:
+        lines += ["", f"**Adaptation on {_md(adapt['target_hospital'])}** (the upper bound is chosen with the "
+                  "target's labels)", "", f"| Model | AUC | ΔAUC vs {BASELINE_MODEL} |", "|---|---|---|"]
+        if adapt["deployed"] is not None:
+            lines.append(f"| deployed ({_md(adapt['deployed'].get('candidate') or '')}) | "
+                         f"{_fmt_ci(adapt['deployed']['auc'])} | — |")
+        upper = (adapt["upper_bound"] or {}).get("method")
+        for name, m in adapt["methods"].items():
+            delta = "reference" if name == BASELINE_MODEL else _fmt_delta(m.get("delta_auc_vs_baseline"))
+            marker = " (upper bound: uses target labels)" if name == upper else ""
+            lines.append(f"| {_md(name)}{marker} | {_fmt_ci(m['auc'])} | {delta} |")
+    else:
+        lines += ["", f"No adaptation: {_md(adapt['reason'])}."]
     loho = metrics.get("leave_one_hospital_out")
     if loho is not None:
         lines += ["", "**Leave-one-hospital-out** (trained on the other hospitals, tested on the one left out)", "",

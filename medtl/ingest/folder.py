@@ -357,6 +357,9 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
 
 def _store_volume(group: SeriesGroup, volume: Volume, array: np.ndarray, members: list[FileResult],
                   ws: Workspace) -> dict:
+    # The series' acquisition fields (vendor, spacing, bits_stored, photometric, view_position, body_part) are its
+    # first kept slice's: grouping splits a series whose slices differ in matrix or spacing, and the others are
+    # per-acquisition attributes. rows / columns become the volume's in-plane matrix below.
     record = dict(members[0].record)
     # The de-identified series UID names the outputs: SeriesDescription could carry identifying text.
     stem = record["series_uid"] + (f"_{group.part}" if group.part else "")

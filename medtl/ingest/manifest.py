@@ -33,6 +33,13 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "rows": "int64",  # original matrix size, before resizing
     "columns": "int64",
     "pixel_spacing_mm": "float64",  # original row spacing (PixelSpacing, else ImagerPixelSpacing); NaN if absent
+    # How the image was acquired, as recorded (kept by the de-identification profile, read from what survives it):
+    # the shortcut audit (medtl.evaluate.shortcut) asks whether these predict the label or the hospital. The aspect
+    # ratio is derived (columns / rows), not stored.
+    "bits_stored": "int64",  # BitsStored (detector bit depth of the stored values); 0 when absent
+    "photometric": "str",  # PhotometricInterpretation: MONOCHROME1 (inverted) / MONOCHROME2 / RGB ...
+    "view_position": "str",  # ViewPosition (PA, AP, LL ...; AP = often a portable unit at the bedside); "" if absent
+    "body_part": "str",  # BodyPartExamined (CHEST ...); "" when absent
     # After de-identification, so present only where the options keep them (ingest.retain_patient_characteristics,
     # ingest.longitudinal_temporal); they feed the report's subgroup table and provenance dates.
     "sex": "str",  # PatientSex: M / F / O, "" when not recorded or removed

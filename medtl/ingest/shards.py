@@ -35,7 +35,7 @@ from medtl.ingest.worker import FileJob, FileResult
 from medtl.workspace import Workspace, atomic_write
 
 SHARDS_DIR = ".shards"
-_PLAN_VERSION = 1
+_PLAN_VERSION = 2  # 2: manifest rows gained bits_stored, photometric, view_position, body_part
 
 
 def shards_dir(ws: Workspace) -> Path:

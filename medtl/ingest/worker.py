@@ -126,7 +126,8 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
                       series_uid=str(clean.get("SeriesInstanceUID", "")), sop_uid=str(clean.SOPInstanceUID),
                       sex=_patient_sex(clean), age=age_in_years(str(clean.get("PatientAge", "") or "")),
-                      study_date=_iso_date(str(clean.get("StudyDate", "") or "")), split="")
+                      study_date=_iso_date(str(clean.get("StudyDate", "") or "")), split="",
+                      **acquisition_fields(clean))
         stem = settings.staging / job.content_hash  # content hashes are hex: safe names, one per input
         outputs = {}
         if array is not None:
@@ -218,6 +219,36 @@ def _iso_date(value: str) -> str:
     if len(value) == 8 and value.isdigit():
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     return ""
+
+
+def acquisition_fields(ds: Dataset) -> dict[str, int | str]:
+    """The manifest's acquisition fields of one image: bit depth, photometric interpretation, view, body part.
+
+    Read from the *de-identified* dataset: the basic profile keeps all four (PS3.15 Table E.1-1 lists none of
+    them), and reading what survives de-identification guarantees that no attribute the profile removes ever
+    reaches the manifest, whatever options are configured.
+
+    Args:
+        ds: the de-identified dataset.
+
+    Returns:
+        ``{"bits_stored": int (0 when absent or malformed), "photometric": str, "view_position": str,
+        "body_part": str}``, strings stripped and ``""`` when absent.
+
+    Examples:
+        >>> ds = Dataset()
+        >>> ds.BitsStored, ds.PhotometricInterpretation, ds.ViewPosition = 12, "MONOCHROME2", "AP"
+        >>> acquisition_fields(ds)
+        {'bits_stored': 12, 'photometric': 'MONOCHROME2', 'view_position': 'AP', 'body_part': ''}
+    """
+    try:
+        bits_stored = int(ds.get("BitsStored", 0) or 0)
+    except (TypeError, ValueError):  # a malformed value is for validation to judge, not for the manifest
+        bits_stored = 0
+    return {"bits_stored": bits_stored,
+            "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip(),
+            "view_position": str(ds.get("ViewPosition", "") or "").strip(),
+            "body_part": str(ds.get("BodyPartExamined", "") or "").strip()}
 
 
 def _pixel_spacing(ds: Dataset) -> float:

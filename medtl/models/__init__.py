@@ -8,8 +8,8 @@
 
 from medtl.models.backbone import Backbone, ResNet3d
 from medtl.models.registry import (BackboneCfg, create_backbone, get_backbone_cfg, list_backbones,
-                                   load_backbone_weights, save_backbone)
+                                   load_backbone_weights, load_model, save_backbone)
 from medtl.models.weights import UnsafeCheckpointError, read_state_dict
 
 __all__ = ["Backbone", "BackboneCfg", "ResNet3d", "UnsafeCheckpointError", "create_backbone", "get_backbone_cfg",
-           "list_backbones", "load_backbone_weights", "read_state_dict", "save_backbone"]
+           "list_backbones", "load_backbone_weights", "load_model", "read_state_dict", "save_backbone"]

@@ -43,7 +43,7 @@ from medtl.models.weights import (IMAGENET_PACKAGE, IMAGENET_TIMM_MODEL, TORCH_S
                                   sum_input_channels)
 
 __all__ = ["BackboneCfg", "create_backbone", "get_backbone_cfg", "list_backbones", "load_backbone_weights",
-           "save_backbone"]
+           "load_model", "save_backbone"]
 
 log = logging.getLogger("medtl.models")
 
@@ -59,6 +59,8 @@ _VOLUME_MEAN, _VOLUME_STD = (0.5,), (0.5,)
 # Written by save_backbone from the backbone itself; a card may not override them.
 _HEADER_KEYS = ("arch", "model", "in_chans", "spatial_dims", "mean", "std", "num_classes")
 _RESERVED_CARD_KEYS = frozenset(_HEADER_KEYS) | {"name", "weights", "sha256"}
+CARD_METADATA_KEY = "medtl_card"
+"""safetensors metadata key of the model card that :func:`save_backbone` stores inside the file."""
 
 
 @dataclass(frozen=True)
@@ -395,7 +397,8 @@ def save_backbone(backbone: Backbone, path: Path, card: Mapping[str, Any]) -> Pa
     """Save weights as ``<path>.safetensors`` and a model card as ``<path>.json``, each written atomically.
 
     The safetensors metadata records the network (``arch``, ``model``, ``in_chans``, ``spatial_dims``,
-    ``mean``, ``std``, ``num_classes``), so the file alone is enough to rebuild the backbone. Saved as
+    ``mean``, ``std``, ``num_classes``) and the card (under ``medtl_card``, without its ``sha256``, which is the
+    file's own), so the file alone is enough to rebuild the model and say what it is (:func:`load_model`). Saved as
     ``<weights_dir>/<arch>.<tag>``, it becomes the backbone named ``<arch>.<tag>`` (e.g. ``efficientnet_lite0.ssl``).
 
     Args:
@@ -425,11 +428,49 @@ def save_backbone(backbone: Backbone, path: Path, card: Mapping[str, Any]) -> Pa
     except TypeError as exc:
         raise ValueError(f"card values must be JSON-serialisable (str, numbers, lists, dicts): {exc}") from exc
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    atomic_write(weights, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=dumps_metadata(header)))
+    metadata = {**dumps_metadata(header), CARD_METADATA_KEY: json.dumps(full_card, sort_keys=True)}
+    atomic_write(weights, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
     full_card["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     atomic_write(path.with_name(f"{path.name}.json"),
                  lambda tmp: tmp.write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n"))
     return weights
+
+
+def load_model(path: str | Path) -> tuple[Backbone, dict]:
+    """A model saved by :func:`save_backbone` (any stage's: fine-tuned, adapted, deployed), from its file alone.
+
+    The network, its classifier size and its input normalisation come from the file's header; nothing else has to
+    exist (not the weights it was fine-tuned from, nor a workspace).
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The model in eval mode and its card: the ``.json`` next to the file when present (it may have been
+        updated since), else the card stored in the file.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file does not say which network it holds (not written by :func:`save_backbone`).
+
+    Examples:
+        >>> model, card = load_model("runs/demo/deploy/model.safetensors")  # doctest: +SKIP
+        >>> card["threshold"]  # doctest: +SKIP
+        0.41
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a medtl model is a .safetensors file written by save_backbone "
+                                "(e.g. <workdir>/deploy/model.safetensors after medtl deploy)")
+    cfg = get_backbone_cfg(f"file:{path}")
+    model = create_backbone(f"file:{path}", num_classes=cfg.pretrained_classes, in_chans=cfg.in_chans)
+    card_path = path.with_suffix(".json")
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+    else:
+        with safetensors.safe_open(path, framework="pt") as f:
+            card = json.loads((f.metadata() or {}).get(CARD_METADATA_KEY) or "{}")
+    return model.eval(), card
 
 
 def _cached_hub_file(name: str) -> Path:

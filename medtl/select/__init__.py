@@ -14,3 +14,7 @@ from medtl.select.unsupervised import (UNSUPERVISED_SCORES, UnsupervisedSelector
 __all__ += ["UNSUPERVISED_SCORES", "UnsupervisedSelector", "dev_risk", "dev_score", "entropy_score",
             "importance_weights", "iwcv_risk", "iwcv_score", "per_sample_cross_entropy", "prediction_entropy",
             "snd_score"]
+
+from medtl.select.target_aware import TargetAwareRanker, feature_divergence, probe_on_target, ranking_agreement
+
+__all__ += ["TargetAwareRanker", "feature_divergence", "probe_on_target", "ranking_agreement"]
