@@ -118,6 +118,9 @@ def write_arrays(hospitals: dict[str, dict[str, dict]], folder: Path) -> pd.Data
                              "vendor": hospital, "model": "", "modality": "CR",
                              "content_hash": hashlib.sha256(image.tobytes() + uid.encode()).hexdigest(),
                              "rows": image.shape[-2], "columns": image.shape[-1], "pixel_spacing_mm": float("nan"),
+                             # MedMNIST ships 8-bit grey-scale PNGs resized to 28 x 28: the original acquisition
+                             # (matrix, view) is not known here
+                             "bits_stored": 8, "photometric": "MONOCHROME2", "view_position": "", "body_part": "CHEST",
                              "sex": "", "age": float("nan"), "study_date": "", "split": split})
     return as_table(rows, MANIFEST_COLUMNS)
 

@@ -232,9 +232,11 @@ def linear_probe(frozen: dict, index: np.ndarray, y_train: np.ndarray, y_val: np
 
 
 def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fraction: float, seed: int,
-             out: Path, args: argparse.Namespace, probe: dict, test_features: np.ndarray) -> dict:
+             out: Path, args: argparse.Namespace, probe: dict, val_features: np.ndarray,
+             test_features: np.ndarray) -> dict:
     """Fine-tune ``init`` on ``train``; keep the checkpoint, or the linear ``probe``, with the best validation AUC,
-    and evaluate only that one on the test split."""
+    and evaluate only that one on the test split. The chosen model's validation and test probabilities are kept in
+    the run's JSON, so analyses that need no training (the label-shift correction) are recomputed from them."""
     from sklearn.metrics import roc_auc_score
 
     from medtl.config import AugmentConfig, TrainConfig
@@ -282,10 +284,12 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
     # the one look at the test split, for the recipe chosen on validation
     if probe["val_auc"] > best["val_auc"]:
         recipe, chosen_val_auc = "linear probe", probe["val_auc"]
+        val_probability = probe["probe"].predict_proba(val_features)[:, 1]
         test_probability = probe["probe"].predict_proba(test_features)[:, 1]
     else:
         recipe, chosen_val_auc = "fine-tune", best["val_auc"]
         backbone.load_state_dict(best["state"])
+        val_probability = positive_probability(backbone, val_loader, device="cpu")
         test_loader = make_loader(SampleDataset(test, evaluation), 256, shuffle=False)
         test_probability = positive_probability(backbone, test_loader, device="cpu")
     metrics = binary_metrics(y_test, test_probability, threshold=0.5, n_bootstrap=1000, seed=seed)
@@ -301,10 +305,12 @@ def finetune(init: str, train: list[dict], val: list[dict], test: list[dict], fr
               # train and validation 74 %)
               "test_sensitivity": metrics["sensitivity"]["value"], "test_specificity": metrics["specificity"]["value"],
               "test_predicted_positive": float((test_probability >= 0.5).mean()),
-              "parameters": sum(p.numel() for p in backbone.parameters())}
+              "parameters": sum(p.numel() for p in backbone.parameters()),
+              "val_probability": np.round(val_probability, 6).tolist(),
+              "test_probability": np.round(test_probability, 6).tolist()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    log.info("%s", result)
+    log.info("%s", {k: v for k, v in result.items() if not k.endswith("_probability")})
     return result
 
 
@@ -390,7 +396,52 @@ def summarise(runs: list[dict], scores: dict, args: argparse.Namespace) -> str:
                          f"{row.top_pick} | {row.top_pick_result:.3f} | {row.finetuned_best:.3f} | "
                          f"{row.top_pick_within_tolerance} | "
                          f"{row.score_seconds:.2f} | {row.finetune_seconds:.0f} |")
+    lines += ["", *label_shift_table(runs)]
     return "\n".join(lines)
+
+
+def label_shift_table(runs: list[dict], n_bootstrap: int = 1000) -> list[str]:
+    """The test split's pneumonia prevalence estimated from its *unlabeled* images (BBSE, EM; the source is the
+    labeled validation split), and ACC at 0.5 before and after the prior correction, per run that kept its
+    probabilities. The correction is the pipeline's with ``report.recalibrate: bcts`` and ``adapt.label_shift``:
+    bias-corrected temperature scaling fitted on validation, then the posterior re-weighted to the estimated
+    prevalence (Saerens et al. 2002). The row that corrects to the *true* test prevalence reads test labels: an
+    upper bound, labelled so."""
+    from medtl.adapt.label_shift import LabelShiftEstimator, prior_corrected
+    from medtl.evaluate.calibration import TemperatureScaling, as_two_class
+    from medtl.evaluate.metrics import binary_metrics
+
+    data = np.load(DATA)
+    y_val, y_test = data["val_labels"][:, 0].astype(int), data["test_labels"][:, 0].astype(int)
+    kept = [r for r in runs if "test_probability" in r]
+    if not kept:
+        return []
+    lines = [f"Label shift: test prevalence {y_test.mean():.3f}, validation {y_val.mean():.3f}; estimated from the "
+             "test images without their labels, with a 95 % bootstrap interval; ACC at 0.5 with its 95 % CI.", "",
+             "| labels | init | seed | ACC at 0.5 | BBSE prevalence | ACC, BBSE-corrected | EM prevalence | "
+             "ACC, EM-corrected | ACC, corrected to the true prevalence (upper bound: reads test labels) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in kept:
+        val, test = np.asarray(run["val_probability"]), np.asarray(run["test_probability"])
+        calibration = TemperatureScaling(bias=True).fit(val, y_val)
+        calibrated = as_two_class(calibration.transform(test))
+        source_prior = np.array([1 - y_val.mean(), y_val.mean()])
+
+        def accuracy(prob: np.ndarray) -> str:
+            m = binary_metrics(y_test, prob, threshold=0.5, n_bootstrap=n_bootstrap, seed=run["seed"])["accuracy"]
+            return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+        cells = [accuracy(test)]
+        for method in ("bbse", "em"):
+            estimator = LabelShiftEstimator(method=method, n_bootstrap=n_bootstrap, seed=run["seed"]).fit(
+                val, y_val, test)
+            corrected = prior_corrected(calibrated, source_prior, estimator.target_prior_)[:, 1]
+            cells += [f"{estimator.target_prior_[1]:.3f} [{estimator.ci_low_[1]:.3f}, {estimator.ci_high_[1]:.3f}]",
+                      accuracy(corrected)]
+        truth = np.array([1 - y_test.mean(), y_test.mean()])
+        cells.append(accuracy(prior_corrected(calibrated, source_prior, truth)[:, 1]))
+        lines.append(f"| {run['fraction']:.0%} | {run['init']} | {run['seed']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -457,7 +508,7 @@ def main() -> None:
                 probe = linear_probe(frozen[init], index, train_labels[index], val_labels,
                                      class_weight=None if args.class_weight == "none" else args.class_weight)
                 runs.append(finetune(init, train, records["val"], records["test"], fraction, seed, args.out, args,
-                                     probe, frozen[init]["test"]))
+                                     probe, frozen[init]["val"], frozen[init]["test"]))
     table = summarise(runs, scores, args)
     print(table)
     (args.out / "summary.md").write_text(table + "\n")
