@@ -110,9 +110,27 @@ class SynthConfig(StrictModel):
     workers: int = Field(0, ge=0, description="processes rendering images; 0 = one per available CPU, "
                                               "1 = in this process (output is identical either way)")
 
+    def site_aliases(self) -> dict[str, str]:
+        """``ingest.deid.site_aliases`` for this cohort: each InstitutionName labels itself in the manifest (the
+        hospitals are fictional, not PHI), so ``data.source_hospitals`` can name them as they are written.
+
+        Returns:
+            institution → the same name, for every hospital of the cohort.
+        """
+        return {h.institution: h.institution for h in self.hospitals}
+
 
 class DeidConfig(StrictModel):
-    """De-identification (DICOM PS3.15 Annex E basic profile) and its options (see ``medtl.ingest.deid``)."""
+    """De-identification (DICOM PS3.15 Annex E basic profile) and its options (see ``medtl.ingest.deid`` and
+    ``docs/deid_profile.md``)."""
+
+    profile: Literal["allow_list", "annex_e"] = Field(
+        "allow_list", description="allow_list = keep only what the model and the manifest need (pixels, geometry, "
+                                  "pixel value transforms, acquisition parameters, pseudonymised UIDs and PatientID) "
+                                  "plus what the options below retain, and remove everything else at any depth; "
+                                  "annex_e = PS3.15 Table E.1-1 as a deny-list: attributes it does not list are kept "
+                                  "(descriptions, comments, code meanings: pair it with clean_descriptors), except "
+                                  "names, dates and instance UIDs by their dictionary VR and unknown public tags")
 
     uid_secret_env: str = Field("MEDTL_UID_SECRET", description="environment variable holding the hashing key "
                                                                 "(UIDs, PatientID, date shifts, site pseudonyms)")
@@ -140,8 +158,10 @@ class DeidConfig(StrictModel):
                            "pixels were cleaned before ingestion; medtl does not clean pixels itself")
     site_aliases: dict[str, str] = Field(
         default_factory=dict, description="label written to the manifest for each raw value of "
-                                          "ingest.site_attribute, so the institution's name stays out of every "
-                                          "output; when set, unlisted sites get a keyed pseudonym")
+                                          "ingest.site_attribute; every unlisted site (all of them when this is "
+                                          "empty) gets a keyed pseudonym site-<10 hex>, so the institution's name "
+                                          "stays out of every output. The synthetic cohort's institutions are "
+                                          "added, each as its own label, when ingest reads that cohort")
 
     @field_validator("private_safe_list")
     @classmethod
@@ -310,7 +330,9 @@ class DataConfig(StrictModel):
     """Which hospitals play which role, and how samples reach the model."""
 
     source_hospitals: list[str] = Field(default_factory=lambda: ["St. Aurelia General Hospital"], min_length=1,
-                                        description="hospital names as in the manifest (ingest.site_attribute)")
+                                        description="hospitals as the manifest names them: the alias "
+                                                    "ingest.deid.site_aliases gives the site, else its keyed "
+                                                    "site-... pseudonym")
     target_hospital: str | None = Field(
         "Harbor Valley Medical Center",
         description="the new hospital to adapt to, from its unlabeled images; null = a single-hospital study (no "
@@ -746,6 +768,15 @@ class PipelineConfig(StrictModel):
     report: ReportConfig = Field(default_factory=ReportConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _synthetic_site_aliases(self) -> "PipelineConfig":
+        # without an alias the manifest names a site by its keyed pseudonym; the synthetic cohort's names are not PHI
+        if self.ingest.uses_synthetic_cohort:  # copies: a section passed in may be shared with the caller
+            aliases = {**self.synth.site_aliases(), **self.ingest.deid.site_aliases}
+            deid = self.ingest.deid.model_copy(update={"site_aliases": aliases})
+            self.ingest = self.ingest.model_copy(update={"deid": deid})
+        return self
 
     @model_validator(mode="after")
     def _target_needed(self) -> "PipelineConfig":

@@ -62,10 +62,18 @@ def load_split_manifest(ws: Workspace, data: DataConfig) -> pd.DataFrame:
     missing = [h for h in named if h not in hospitals]
     if missing:
         raise ValueError(f"data: hospital(s) {missing} are not in the manifest, which has {sorted(hospitals)}; "
-                         "fix data.source_hospitals / data.target_hospital")
+                         "fix data.source_hospitals / data.target_hospital" + _pseudonym_hint(hospitals))
     manifest["role"] = np.where(manifest["hospital"].isin(data.source_hospitals), "source",
                                 np.where(manifest["hospital"] == data.target_hospital, "target", "external"))
     return manifest
+
+
+def _pseudonym_hint(hospitals: set[str]) -> str:
+    """What to do when the manifest names sites by pseudonym: the ingest stage labels every site without an alias."""
+    if not any(str(h).startswith("site-") for h in hospitals):
+        return ""
+    return ("; the manifest names sites without an alias by keyed site-… pseudonyms: map each site's "
+            "InstitutionName to your label in ingest.deid.site_aliases and re-run ingest")
 
 
 def evaluation_rows(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +131,8 @@ def pretraining_rows(manifest: pd.DataFrame, data: DataConfig, hospitals: list[s
     unknown = sorted(set(hospitals) - set(manifest["hospital"]))
     if unknown:
         raise ValueError(f"pretrain.hospitals {unknown} are not in the manifest, which has "
-                         f"{sorted(set(manifest['hospital']))}; fix pretrain.hospitals (null = source + target)")
+                         f"{sorted(set(manifest['hospital']))}; fix pretrain.hospitals (null = source + target)"
+                         + _pseudonym_hint(set(manifest["hospital"])))
     pool = manifest.drop(index=evaluation_rows(manifest).index)
     return pool[pool["hospital"].isin(hospitals)]
 
@@ -1768,6 +1777,7 @@ def _ingest_accounting(ws: Workspace) -> dict:
     quarantined = ledger[ledger["status"] == "quarantined"]
     return {"files_in": len(ledger), "ingested": int(counts.get("ingested", 0)),
             "quarantined": int(counts.get("quarantined", 0)), "duplicates": int(counts.get("duplicate", 0)),
+            "skipped": int(counts.get("skipped", 0)), "to_retry": int(counts.get("retry", 0)),
             "quarantine_reasons": quarantined["reason"].str.split(":").str[0].value_counts().to_dict()}
 
 

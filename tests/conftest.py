@@ -81,7 +81,7 @@ def ingest_two_hospital_cohort(tmp_path_factory: pytest.TempPathFactory, unlabel
     """The source and target hospitals of configs/tiny.yaml, 32 labeled (plus ``unlabeled_per_hospital``) DICOM
     images each, written and ingested into a fresh workspace; the converted ImageNet weights go to a private
     cache, not the user's. Modules wrap this in a module-scoped fixture so that it runs once per module."""
-    from medtl.config import IngestConfig, load_config
+    from medtl.config import DeidConfig, IngestConfig, load_config
     from medtl.ingest import ingest_folder
     from medtl.synth import write_cohort
     from medtl.workspace import Workspace
@@ -95,7 +95,8 @@ def ingest_two_hospital_cohort(tmp_path_factory: pytest.TempPathFactory, unlabel
             "workers": 1})
         ws = Workspace(tmp_path_factory.mktemp("cohort"))
         write_cohort(synth, ws.dicom)
-        ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=32, workers=1), ws)
+        deid = DeidConfig(site_aliases=synth.site_aliases())  # the manifest names the hospitals as written
+        ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=32, workers=1, deid=deid), ws)
         yield ws
 
 

@@ -3,7 +3,8 @@
 :func:`write_hostile_corpus` writes small files that each break one assumption a DICOM reader
 makes: that a file is DICOM at all, that it is complete, that its transfer syntax describes its
 data, that its declared sizes are honest, that its nesting is shallow, that a DICOMDIR only points
-inside its own folder. Every file is at most a few kilobytes even when it declares terabytes.
+inside its own folder, that nothing hides in or behind its pixel data. Every file is at most a few
+hundred kilobytes even when it declares (or inflates to) gigabytes.
 
 Some files are written byte by byte because pydicom refuses to write them (an unknown transfer
 syntax with encapsulated data, ten thousand nested sequences: its writer recurses and would hit
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,9 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, MediaStorageDirectoryStorage,
-                         RLELossless, generate_uid)
+from pydicom.data import get_testdata_file
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLSLossless, MediaStorageDirectoryStorage, RLELossless, generate_uid)
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 NESTING_LEVELS = 10_000
@@ -84,6 +87,71 @@ def _explicit_le_element(tag: int, vr: str, value: bytes) -> bytes:
     if vr in ("OB", "OW", "SQ", "UN", "UT", "UC", "UR", "OD", "OF", "OL", "OV"):
         return struct.pack("<HH2sHL", group, element, vr.encode(), 0, len(value)) + value
     return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def encapsulated_dataset(fragments: list[bytes], transfer_syntax: str, like: str = "MR_small_jpeg_ls_lossless.dcm",
+                         basic_offsets: list[int] | None = None) -> Dataset:
+    """:func:`image_dataset` holding ``fragments`` as its encapsulated PixelData (one frame).
+
+    Args:
+        fragments: the fragments' bytes (each padded to an even length here).
+        transfer_syntax: recorded in the file meta.
+        like: a pydicom test file whose Image Pixel attributes (size, bit depth, sign) are copied.
+        basic_offsets: the Basic Offset Table's entries; ``None`` leaves it empty.
+
+    Returns:
+        The dataset, ready for :func:`_save`.
+    """
+    source = pydicom.dcmread(get_testdata_file(like), stop_before_pixels=True)
+    ds = image_dataset(source.Rows, source.Columns, transfer_syntax=transfer_syntax)
+    for keyword in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(ds, keyword, source[keyword].value)
+    table = struct.pack(f"<{len(basic_offsets or [])}L", *(basic_offsets or []))
+    items = [table, *(f + b"\x00" * (len(f) % 2) for f in fragments)]
+    ds.PixelData = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def codestream(name: str) -> bytes:
+    """The single-fragment codestream of a pydicom test file (e.g. a real JPEG-LS or JPEG 2000 image)."""
+    from pydicom.encaps import generate_fragments
+    _, fragment = generate_fragments(pydicom.dcmread(get_testdata_file(name)).PixelData)
+    return fragment
+
+
+def jpeg_ls_header(rows: int, columns: int) -> bytes:
+    """SOI and a JPEG-LS frame header (SOF55, T.87 C.2.2) declaring ``rows`` x ``columns`` 16-bit pixels."""
+    return b"\xff\xd8\xff\xf7" + struct.pack(">HBHHB", 11, 16, rows, columns, 1) + b"\x01\x11\x00"
+
+
+def j2k_header(rows: int, columns: int) -> bytes:
+    """SOC and a JPEG 2000 SIZ segment (T.800 A.5.1) declaring ``rows`` x ``columns`` 16-bit pixels, one component."""
+    return (b"\xff\x4f" + struct.pack(">HHHIIIIIIIIH", 0xFF51, 41, 0, columns, rows, 0, 0, columns, rows, 0, 0, 1)
+            + b"\x0f\x01\x01")
+
+
+def deflate_bomb(path: Path, inflated_mib: int) -> None:
+    """A deflated (PS3.5 A.5) image whose dataset inflates to ``inflated_mib`` MiB of a private OB element's zeros.
+
+    Written in a few milliseconds: after a full flush, deflate codes every MiB of zeros the same way, so the
+    compressed MiB is repeated instead of compressing the whole value.
+    """
+    ds = image_dataset(transfer_syntax=DeflatedExplicitVRLittleEndian)
+    pixels = ds.PixelData
+    del ds.PixelData
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    for fp in (meta, body):
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    write_dataset(body, ds)
+    hidden = struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, inflated_mib << 20)  # a private OB of zeros
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflater.compress(body.getvalue() + hidden) + deflater.flush(zlib.Z_FULL_FLUSH)
+    mib = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    tail = deflater.compress(_explicit_le_element(0x7FE00010, "OW", pixels)) + deflater.flush()
+    path.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + head + mib * inflated_mib + tail)
 
 
 def _deep_sequence(levels: int) -> bytes:
@@ -189,6 +257,28 @@ def write_hostile_corpus(folder: Path) -> dict[str, str]:
     # a private element that declares 4 GB in a 1 kB file: a parser that trusts it allocates 4 GB
     lie = struct.pack("<HH2sHL", 0x0011, 0x1010, b"UN", 0, 0xFFFFFFF0) + bytes(64)
     _with_elements_before_pixels(image_dataset(), lie, add("element_length_lie.dcm", "truncated"))
+
+    # bytes hidden in or behind the pixel data: an element swallowed by an over-long PixelData, a fragment
+    # that belongs to no frame
+    behind = image_dataset()
+    pixels = behind.PixelData
+    del behind.PixelData
+    hidden = _explicit_le_element(0x00100010, "PN", b"HIDDEN^BEHIND^PIXELS")
+    add("pixel_data_hides_element.dcm", "pixel data length").write_bytes(
+        _save(behind, folder / "pixel_data_hides_element.dcm") + _explicit_le_element(0x7FE00010, "OW", pixels + hidden))
+    jpeg_ls = codestream("MR_small_jpeg_ls_lossless.dcm")
+    _save(encapsulated_dataset([jpeg_ls, b"EXTRA FRAGMENT Doe^Jane 4 July 1960"], JPEGLSLossless),
+          add("extra_text_fragment.dcm", "belong to no frame"))
+    # size checks that a split or compressed header would bypass
+    deflate_bomb(add("deflate_bomb.dcm", "inflates"), 900)  # 900 MiB from 930 kB: over the default budget
+    split = jpeg_ls_header(65535, 65535)
+    _save(encapsulated_dataset([split[:8], split[8:] + bytes(64)], JPEGLSLossless),
+          add("jpeg_ls_header_split.dcm", "codestream size mismatch"))
+    split = j2k_header(65535, 65535)
+    _save(encapsulated_dataset([split[:10], split[10:] + bytes(64)], JPEG2000Lossless),
+          add("j2k_header_split.dcm", "codestream size mismatch"))
+    _save(encapsulated_dataset([jpeg_ls], JPEGLSLossless, basic_offsets=[4096]),
+          add("lying_basic_offset_table.dcm", "Basic Offset Table"))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom rightly warns that ".." is not a valid CS value

@@ -29,6 +29,7 @@ KEY = b"test-key"
 UID_ROOT = "1.2.999.424242"  # distinctive: its substring must appear in no output
 UID_MARK = "999.424242"
 CT = "1.2.840.10008.5.1.4.1.1.2"
+ANNEX_E = DeidOptions(profile="annex_e")  # Table E.1-1 as a deny-list: what survives it is tested here
 BOOKKEEPING = {"DeidentificationMethod", "DeidentificationMethodCodeSequence",
                "LongitudinalTemporalInformationModified"}
 DATES = {  # distinctive dates, one per attribute; none may survive unless shifted
@@ -182,7 +183,9 @@ def needles(m: Markers, allowed: set[str]) -> dict[bytes, str]:
 @pytest.mark.parametrize("options", [
     {},
     {"longitudinal_temporal": "shift", "clean_descriptors": True},
-], ids=["basic", "modified-dates+clean-descriptors"])
+    {"profile": "annex_e"},
+    {"profile": "annex_e", "longitudinal_temporal": "shift", "clean_descriptors": True},
+], ids=["basic", "modified-dates+clean-descriptors", "annex-e", "annex-e+modified-dates+clean-descriptors"])
 def test_no_planted_phi_reaches_any_output(tmp_path: Path, options: dict) -> None:
     m = Markers(1)
     ds = planted_dataset(m)
@@ -226,10 +229,9 @@ def test_synthetic_cohort_phi_does_not_survive(ingested, cohort: Path) -> None: 
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             continue
-        # every value the profile removes or replaces, descriptions aside (the kept procedure code's
-        # meaning repeats the study description of the synthetic cohort)
+        # every value the profile removes or replaces, descriptions included (the allow-list drops them too)
         planted |= {str(e.value) for e in ds if e.VR in ("PN", "LO", "SH", "ST", "DA", "UI") and e.value
-                    and action_for(e.tag, e.VR) != "K" and e.tag not in DESCRIPTORS}
+                    and action_for(e.tag) != "K"}
     planted.discard("")
     written = list((ws.ingest / "dicom").glob("*.dcm"))
     assert len(written) == 24
@@ -244,27 +246,30 @@ def test_synthetic_cohort_phi_does_not_survive(ingested, cohort: Path) -> None: 
         assert ds.SOPInstanceUID.startswith("2.25.") and path.stem == ds.SOPInstanceUID
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     tables = ws.manifest.read_bytes() + (ws.ingest / "ledger.parquet").read_bytes()
-    institutions = {"St. Aurelia General Hospital", "Northbridge University Clinic"}  # site names, no aliases set
+    institutions = {"St. Aurelia General Hospital", "Northbridge University Clinic"}  # their own site aliases
     assert not [phi for phi in planted - institutions if phi.encode() in tables]
 
 
 # ---------------------------------------------------------------------------------------------- the table
 
 
-def test_table_covers_the_profile_and_resolves_combined_actions() -> None:
+def test_annex_e_table_covers_the_profile_and_resolves_combined_actions() -> None:
     assert len(TABLE) > 600 and set(TABLE.values()) == {"D", "Z", "X", "U", *COMBINED}
     expected = {"PatientName": "Z", "PatientID": "D", "AccessionNumber": "Z", "StudyDate": "Z", "PatientAddress": "X",
                 "InstitutionName": "D", "AcquisitionDate": "Z", "SeriesDate": "D", "StudyInstanceUID": "U",
                 "ReferencedImageSequence": "U*", "ReferencedStudySequence": "Z", "PatientAge": "X"}
     for keyword, action in expected.items():
         tag = pydicom.tag.Tag(keyword)
-        assert action_for(tag, pydicom.datadict.dictionary_VR(tag)) == action, keyword
-    # outside the table: overlays and curves removed, unknown names emptied, class UIDs kept, others remapped
-    assert action_for(pydicom.tag.Tag(0x60023000), "OW") == "X" and action_for(pydicom.tag.Tag(0x50000010), "US") == "X"
-    assert action_for(pydicom.tag.Tag("ContentCreatorName"), "PN") == "D"
-    assert action_for(pydicom.tag.Tag("ReferencedSOPClassUID"), "UI") == "K"
-    assert action_for(pydicom.tag.Tag(0x00189999), "UI") == "U" and action_for(pydicom.tag.Tag(0x00189999), "PN") == "Z"
-    assert action_for(pydicom.tag.Tag(0x00080000), "UL") == "X"  # group length
+        assert action_for(tag, ANNEX_E) == action, keyword
+    # outside the table: overlays and curves removed, class UIDs kept, other UIDs remapped, names emptied
+    assert action_for(pydicom.tag.Tag(0x60023000), ANNEX_E) == "X" == action_for(pydicom.tag.Tag(0x50000010), ANNEX_E)
+    assert action_for(pydicom.tag.Tag("ContentCreatorName"), ANNEX_E) == "D"
+    assert action_for(pydicom.tag.Tag("ReferencedSOPClassUID"), ANNEX_E) == "K"
+    assert action_for(pydicom.tag.Tag("RTVCommunicationSOPInstanceUID"), ANNEX_E) == "U"
+    assert action_for(pydicom.tag.Tag("EvaluatorName"), ANNEX_E) == "Z"
+    assert action_for(pydicom.tag.Tag("ExpiryDate"), ANNEX_E) == "X"
+    assert action_for(pydicom.tag.Tag(0x00189999), ANNEX_E) == "X"  # a tag the dictionary does not know
+    assert action_for(pydicom.tag.Tag(0x00080000), ANNEX_E) == "X"  # group length
 
 
 def test_deidentify_recurses_into_sequences_and_leaves_the_input_alone() -> None:
@@ -276,7 +281,7 @@ def test_deidentify_recurses_into_sequences_and_leaves_the_input_alone() -> None
     item.PerformingPhysicianName = "House^Greg"
     item.add_new(0x00091001, "LO", "Doe private")
     ds.ReferencedImageSequence = Sequence([item])
-    out = deidentify(ds, b"key")
+    out = deidentify(ds, b"key", options=ANNEX_E)
     assert (out.PatientName, out.StudyDate) == ("", "")
     assert out.PatientID.startswith("P") and len(out.PatientID) == 13
     assert out.SOPClassUID == ds.SOPClassUID and out.SOPInstanceUID == remap_uid("1.2.3.4.5", b"key")
@@ -292,7 +297,7 @@ def test_deidentify_recurses_into_sequences_and_leaves_the_input_alone() -> None
 
 def test_uids_are_stable_and_references_stay_consistent_at_every_depth() -> None:
     ds = planted_dataset(Markers(1))
-    first, second = deidentify(ds, KEY), deidentify(planted_dataset(Markers(1)), KEY)
+    first, second = deidentify(ds, KEY, options=ANNEX_E), deidentify(planted_dataset(Markers(1)), KEY, options=ANNEX_E)
     assert first.SOPInstanceUID == second.SOPInstanceUID == remap_uid(ds.SOPInstanceUID, KEY)
     level1 = first.ReferencedImageSequence[0]
     level2 = level1.SourceImageSequence[0]
@@ -330,21 +335,23 @@ def _holding(ds: Dataset, wanted, options: DeidOptions) -> set[str]:
     def inside(item: Dataset) -> bool:
         return any(wanted(e) or (e.VR == "SQ" and any(inside(i) for i in e.value)) for e in item)
     return {e.keyword for e in ds if not e.tag.is_private and (wanted(e) or (
-        e.VR == "SQ" and action_for(e.tag, "SQ", options) in ("K", "U*", "C") and any(inside(i) for i in e.value)))}
+        e.VR == "SQ" and action_for(e.tag, options) in ("K", "U*", "C") and any(inside(i) for i in e.value)))}
 
 
+@pytest.mark.parametrize("profile", ["allow_list", "annex_e"])
 @pytest.mark.parametrize(("option", "keep", "clean"), [
     ("retain_device_identity", DEVICE_IDENTITY, frozenset()),
     ("retain_institution_identity", INSTITUTION_IDENTITY, frozenset()),
     ("retain_patient_characteristics", PATIENT_CHARACTERISTICS_KEEP, PATIENT_CHARACTERISTICS_CLEAN),
     ("clean_descriptors", frozenset(), DESCRIPTORS),
 ])
-def test_each_option_changes_exactly_its_column(option: str, keep: frozenset[int], clean: frozenset[int]) -> None:
+def test_each_option_changes_exactly_its_column(option: str, keep: frozenset[int], clean: frozenset[int],
+                                                profile: str) -> None:
     m = Markers(1)
     ds = planted_dataset(m)
     ds.SmokingStatus, ds.PregnancyStatus = "NO", 4
-    options = DeidOptions(**{option: True})
-    basic, out = deidentify(ds, KEY), deidentify(ds, KEY, options=options)
+    options = DeidOptions(profile=profile, **{option: True})
+    basic, out = deidentify(ds, KEY, options=DeidOptions(profile=profile)), deidentify(ds, KEY, options=options)
     assert _present(ds, keep | clean), option
     assert _differing(basic, out) == _holding(ds, lambda e: e.tag in keep | clean, options)
     for keyword in _present(ds, keep):
@@ -363,10 +370,10 @@ def test_each_option_changes_exactly_its_column(option: str, keep: frozenset[int
 
 def test_modified_dates_shift_every_date_of_a_patient_by_one_stable_offset() -> None:
     ds = planted_dataset(Markers(1), patient_id="MRN-0001")
-    options = DeidOptions(longitudinal_temporal="shift")
+    options = DeidOptions(profile="annex_e", longitudinal_temporal="shift")  # the nested references survive it
     out = deidentify(ds, KEY, options=options)
     temporal = {e.keyword for e in ds if e.VR in ("DA", "DT", "TM")} - {"PatientBirthDate"}
-    assert _differing(deidentify(ds, KEY), out) == _holding(
+    assert _differing(deidentify(ds, KEY, options=ANNEX_E), out) == _holding(
         ds, lambda e: e.VR in ("DA", "DT", "TM") and e.keyword != "PatientBirthDate", options)
     shift = date_shift_days("MRN-0001", KEY, options.date_shift_max_days)
     assert -3650 <= shift <= -1
@@ -448,7 +455,7 @@ def test_method_code_sequence_lists_the_profile_and_each_option(config: dict, co
 def test_private_safe_list_keeps_only_the_listed_elements() -> None:
     ds = planted_dataset(Markers(1))
     ds[0x00290010].value = "ACME SAFE"
-    options = DeidOptions.from_config(DeidConfig(private_safe_list=["0029, ACME SAFE ,10"]))
+    options = DeidOptions.from_config(DeidConfig(profile="annex_e", private_safe_list=["0029, ACME SAFE ,10"]))
     out = deidentify(ds, KEY, options=options)
     assert out[0x00290010].value == "ACME SAFE" and out[0x00291010].value == ds[0x00291010].value
     assert 0x00291011 not in out and 0x00291012 not in out
@@ -497,12 +504,11 @@ def test_burned_in_annotation_risk(attrs: dict, reason: str | None) -> None:
 
 
 def test_site_label_uses_aliases_and_pseudonyms() -> None:
-    assert site_label(" St. Elsewhere ", {}, KEY) == "St. Elsewhere"  # no aliases: the raw site name
     aliases = {"St. Elsewhere": "site_a"}
     assert site_label("St. Elsewhere", aliases, KEY) == "site_a"
     unknown = site_label("Another Clinic", aliases, KEY)
     assert re.fullmatch(r"site-[0-9a-f]{10}", unknown) and unknown == site_label("Another Clinic", aliases, KEY)
-    assert site_label("", aliases, KEY) == ""
+    assert site_label("", aliases, KEY) == "" == site_label(" ", {}, KEY)
 
 
 def test_secret_comes_from_config_then_environment_then_development_key(monkeypatch) -> None:
@@ -518,5 +524,7 @@ def test_options_validate() -> None:
     assert DeidOptions.from_config(DeidConfig()) == BASIC
     with pytest.raises(ValueError, match="longitudinal_temporal"):
         DeidOptions(longitudinal_temporal="blur")
+    with pytest.raises(ValueError, match="profile"):
+        DeidOptions(profile="deny_list")
     with pytest.raises(ValueError):
         DeidConfig(longitudinal_temporal="blur")

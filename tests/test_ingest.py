@@ -41,7 +41,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ingested(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     ws = Workspace(tmp_path_factory.mktemp("work"))
-    return ws, ingest_folder(ingest_config(cohort), ws)
+    # the synthetic institutions label themselves (without aliases every site is a keyed site-... pseudonym)
+    return ws, ingest_folder(ingest_config(cohort, deid=DeidConfig(site_aliases=tiny_config().site_aliases())), ws)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -335,8 +336,9 @@ def test_dataset_without_preamble_or_file_meta_is_ingested(tmp_path: Path) -> No
     (tmp_path / "old_site").mkdir()
     (tmp_path / "old_site" / "image").write_bytes(fp.getvalue())
     ws = Workspace(tmp_path / "work")
-    summary = ingest_folder(IngestConfig(input_dir=tmp_path, image_size=16), ws)
-    assert (summary.ingested, summary.per_hospital) == (1, {"old_site": 1})  # site from the folder name
+    cfg = IngestConfig(input_dir=tmp_path, image_size=16, deid=DeidConfig(site_aliases={"old_site": "site_o"}))
+    summary = ingest_folder(cfg, ws)
+    assert (summary.ingested, summary.per_hospital) == (1, {"site_o": 1})  # site from the folder name, aliased
     written = pydicom.dcmread(next((ws.ingest / "dicom").iterdir()))
     assert written.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian and written.PatientName == ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -91,8 +92,9 @@ def test_symlink_out_of_the_input_folder_is_accounted_for_and_never_followed(coh
     summary = ingest_folder(IngestConfig(input_dir=folder, image_size=32), ws)
 
     ledger = load_ledger(ws)
-    assert (summary.files_in, summary.quarantined, summary.ingested) == (1, 1, 0)
-    assert "symbolic link to a file outside the input folder" in ledger.loc[0, "reason"]
+    assert (summary.files_in, summary.skipped, summary.ingested) == (1, 1, 0)
+    assert ledger.loc[0, "status"] == "skipped"
+    assert ledger.loc[0, "reason"].startswith("symbolic link leaving the input folder: not followed")
     assert not any(ws.quarantine.iterdir()), "the link's target must not be copied into the quarantine"
     again = ingest_folder(IngestConfig(input_dir=folder, image_size=32), ws)
     assert again.skipped_already_done == 1
@@ -117,18 +119,23 @@ def _dicomdir(path: Path, file_ids: list[list[str]]) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # hostile on purpose
-def test_dicomdir_is_quarantined_and_its_escaping_file_ids_are_never_opened(tmp_path: Path) -> None:
+def test_dicomdir_is_quarantined_and_its_file_ids_are_never_opened_nor_quoted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "media"
     folder.mkdir()
-    _dicomdir(folder / "DICOMDIR", [["IMAGES", "IM0001"], ["..", "..", "etc", "passwd"]])
+    _dicomdir(folder / "DICOMDIR", [["DOE_JANE", "IM0001"], ["..", "..", "etc", "passwd"]])
     ws = Workspace(tmp_path / "work")
 
-    summary = ingest_folder(IngestConfig(input_dir=folder, image_size=32), ws)
+    with caplog.at_level(logging.DEBUG, logger="medtl"):
+        summary = ingest_folder(IngestConfig(input_dir=folder, image_size=32), ws)
 
     reason = load_ledger(ws).loc[0, "reason"]
     assert (summary.files_in, summary.quarantined) == (1, 1)
-    assert reason.startswith("DICOMDIR") and "1 file IDs point outside the folder" in reason
-    assert "../../etc/passwd" in reason
+    assert reason.startswith("DICOMDIR") and "DICOMDIRs are not ingested" in reason
+    assert "2 referenced files" in reason and "1 of its file IDs point outside the folder" in reason
+    logged = [record.getMessage() for record in caplog.records if record.name.startswith("medtl")]
+    for text in [reason, *logged]:  # file IDs are paths of the source system, often named after patients
+        assert not any(part in text for part in ("DOE_JANE", "IM0001", "passwd", "../")), text
     assert pydicom.dcmread(folder / "DICOMDIR").FileSetID == "HOSTILE"  # the input is never modified
 
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from medtl.config import IngestConfig, PacsConfig, PacsQuery
 from medtl.ingest import load_ledger, load_manifest
+from medtl.ingest.deid import resolve_secret, site_label
 from medtl.ingest.sources import (DicomWebSource, DimseSource, InstanceFolder, PermanentPacsError,
                                   TransientPacsError, backoff_delay, pull, study_filters)
 from medtl.stages import run_ingest
@@ -359,7 +360,7 @@ def test_run_ingest_pulls_then_ingests_with_balanced_accounting(orthanc, corpus,
     manifest, ledger = load_manifest(ws), load_ledger(ws)
     assert len(manifest) == n and (ledger["status"] == "ingested").all()
     assert sorted(ledger["path"]) == sorted(f"{uid}.dcm" for uid in corpus)
-    assert set(manifest["hospital"]) == {"Loopback General Hospital"}
+    assert set(manifest["hospital"]) == {site_label("Loopback General Hospital", {}, resolve_secret(cfg.deid))}
     assert not set(manifest["patient_id"]) & {"PAT001", "PAT002"}  # de-identified by ingestion
     assert not set(manifest["sop_uid"]) & set(corpus)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import medtl.evaluate.shortcut
-from medtl.config import IngestConfig, load_config
+from medtl.config import DeidConfig, IngestConfig, load_config
 from medtl.evaluate.shortcut import (ACQUISITION_FIELDS, LABEL_SHORTCUT_AUC, acquisition_features, acquisition_table,
                                      audit_hospital, audit_label, grouped_folds, shortcut_audit)
 from medtl.ingest import ingest_folder, load_manifest
@@ -186,7 +186,8 @@ def _ingested_manifest(config: str, tmp_path: Path, **synth_overrides) -> pd.Dat
     synth = synth.model_copy(update={"unlabeled_per_hospital": 0, "broken_files": 0, "workers": 1, **synth_overrides})
     ws = Workspace(tmp_path)
     write_cohort(synth, ws.dicom)
-    ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=16, workers=1), ws)
+    deid = DeidConfig(site_aliases=synth.site_aliases())  # the manifest names the hospitals as written
+    ingest_folder(IngestConfig(input_dir=ws.dicom, image_size=16, workers=1, deid=deid), ws)
     return load_manifest(ws)
 
 

@@ -1099,10 +1099,12 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
                            "(adapt.label_shift corrects the probabilities at the target).")
 
     ingest = ctx["ingest"]
-    accounted = ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"]
+    # skipped entries (links out, FIFOs, unreadable) and files to retry (resource limits) balance the line too
+    accounted = (ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"] + ingest.get("skipped", 0)
+                 + ingest.get("to_retry", 0))
     if accounted != ingest["files_in"]:
         out.append(f"Ingestion does not balance: {ingest['files_in']} files in, but ingested + quarantined + "
-                   f"duplicates = {accounted}.")
+                   f"duplicates + skipped + to retry = {accounted}.")
     return out
 
 

@@ -1,5 +1,16 @@
 """De-identification: DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile, with options.
 
+**Two profiles** (``ingest.deid.profile``). ``allow_list`` (the default) keeps only the attributes of
+:data:`ALLOW_LIST` (what decoding the pixels, the geometry, the manifest and series assembly need; the
+table in ``docs/deid_profile.md`` is printed from it by ``python -m medtl.ingest.deid``), the
+attributes an enabled option keeps or cleans, and, empty, those the table empties (``Z``: type 2
+attributes stay present); everything else is removed at any depth. ``annex_e`` applies Table E.1-1 as
+a deny-list: attributes missing from the table are kept, except for the safety net below, so
+descriptions, comments and code meanings survive (for those who need descriptors, with Clean
+Descriptors). Both judge an element by the DICOM dictionary (its keyword and VR), never by the VR
+written in the file: a patient name written as ``LO`` is a ``PN``; a public tag the dictionary does
+not know is removed, whatever its VR and depth.
+
 **The table.** Every attribute of PS3.15 Table E.1-1 gets the profile's action. The tag lists come from
 ``dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c`` (the table of the 2026c edition, one
 list per action) rather than being typed here. Actions: ``X`` remove · ``Z`` empty value · ``D`` dummy
@@ -14,21 +25,25 @@ carries no information: a fixed string for text VRs, a keyed pseudonym for ``Pat
 for ``UI``, an empty value for binary VRs and an empty sequence for ``SQ`` (a valid dummy item would
 need the IOD's macro).
 
-**Not in the table.** Kept, as the profile says, except for a safety net by value representation:
-person names are emptied, dates and times removed (or shifted / kept with the temporal options), and
-every UID other than class and well-known ones (``1.2.840.10008.*``) remapped. Group lengths, curves,
-overlay data and comments (also in the table) are removed. Sequences are processed recursively at any
-depth, so references (``ReferencedSOPInstanceUID``, ``ReferencedFrameOfReferenceUID``, ...) map
-exactly like the UIDs they point to.
+**Not in the table** (``annex_e``). Kept, as the profile says, except for a safety net by the
+dictionary's value representation: person names are emptied, dates and times removed (or shifted /
+kept with the temporal options), and every UID other than class ones (:data:`KEEP_UIDS`) remapped.
+Group lengths, curves, overlays and comments (also in the table) are removed. Sequences are processed
+recursively at any depth, so references (``ReferencedSOPInstanceUID``, ...) map exactly like the UIDs
+they point to. In either profile a remapped attribute keeps its value only when it is a UID that
+DICOM registers (PS3.6 Annex A: classes, transfer syntaxes, well-known instances); an instance UID
+that merely starts with ``1.2.840.10008.`` is remapped like any other.
 
 **Private elements** are removed except those in ``private_safe_list`` (private creator + element byte),
-which are kept unchanged together with their private creator.
+which are kept with their private creator; a safe-listed sequence has its items de-identified like
+any other sequence.
 
 **UIDs and PatientID** become an HMAC-SHA256 of the original under a secret key: the same input and key
 give the same output in every run and batch (studies stay linked across incremental runs) while nobody
 without the key can link them back.
 
-**Options** (PS3.15 E.3; the attributes each one changes are listed below, per the table's column):
+**Options** (PS3.15 E.3; the attributes each one changes are listed below, per the table's column),
+in either profile:
 
 * Retain Longitudinal Temporal Information — *Modified Dates* (``longitudinal_temporal="shift"``):
   every date of a patient moves back by the same number of days, derived from a keyed hash of the
@@ -38,8 +53,10 @@ without the key can link them back.
 * Retain Patient Characteristics, Retain Device Identity, Retain Institution Identity: the columns'
   ``K`` attributes are kept, their ``C`` attributes cleaned.
 * Clean Descriptors: descriptions and comments are kept with the patient's identifying strings (names,
-  IDs, addresses, the values of every removed text attribute), anything date-like, digit runs of five or
-  more (IDs, phone numbers) and UIDs replaced by ``***``.
+  also with other separators between their components, IDs, addresses, the values of every removed
+  text attribute), anything date-like (numeric dates, and dates with English month names or
+  abbreviations, day-month-year or month-day-year), digit runs of five or more (IDs, phone numbers)
+  and UIDs replaced by ``***``.
 
 The result records what was done: PatientIdentityRemoved ``YES``, DeidentificationMethod,
 DeidentificationMethodCodeSequence (CID 7050 codes of the profile and of each option applied) and
@@ -51,9 +68,10 @@ Burned-in text in the pixels cannot be removed by header de-identification;
 **Outputs that are not de-identified DICOM.** ``quarantine/`` holds byte-for-byte copies of the
 rejected *original* files: it carries PHI by design and must be protected like the input. The
 manifest's ``hospital`` column comes from the site attribute (InstitutionName by default) read
-before de-identification, through :func:`site_label`: configure ``site_aliases`` to keep the
-institution's name out of it. The ledger's ``path`` column repeats the input's relative file paths,
-so input file and folder names must not identify patients.
+before de-identification, through :func:`site_label`: a site listed in ``site_aliases`` gets its
+alias, every other one a keyed ``site-…`` pseudonym, so the institution's name never reaches an
+output. The ledger's ``path`` column repeats the input's relative file paths, so input file and
+folder names must not identify patients.
 """
 
 from __future__ import annotations
@@ -71,14 +89,12 @@ from typing import TYPE_CHECKING
 
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _annex_e
 from pydicom.charset import default_encoding
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import ExplicitVRLittleEndian
-
-from medtl.ingest.reader import effective_vr
+from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
 
 if TYPE_CHECKING:
     from medtl.config import DeidConfig
@@ -87,7 +103,6 @@ DEVELOPMENT_KEY = b"medtl-development-key-not-for-real-data"
 """Key used when no secret is configured: fine for the synthetic cohort, never for real data."""
 
 TABLE_EDITION = "2026c"
-WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 MAX_UID_LENGTH = 64
 SCRUBBED = "***"
 
@@ -164,6 +179,55 @@ KEEP_UIDS = _tags("SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassU
                   "ReferencedRelatedGeneralSOPClassUIDInFile", "PrivateInformationCreatorUID")
 """UIDs that name classes, syntaxes or schemes, not instances: never remapped."""
 
+PROFILES = ("allow_list", "annex_e")
+"""``allow_list``: keep only :data:`ALLOW_LIST` (and what the options retain); ``annex_e``: Table E.1-1 as a
+deny-list, everything it does not list kept (see the module docstring)."""
+
+ALLOW_LIST_GROUPS: dict[str, tuple[str, ...]] = {
+    "image pixel module: decoding the stored pixels, and the burned-in text checks": (
+        "SpecificCharacterSet", "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+        "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "PixelAspectRatio", "NumberOfFrames",
+        "FrameIncrementPointer", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
+        "PixelPaddingRangeLimit", "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+        "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+        "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
+        "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+        "SegmentedBluePaletteColorLookupTableData", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+        "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "LossyImageCompression", "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod", "BurnedInAnnotation", "RecognizableVisualFeatures"),
+    "geometry: pixel spacing for the manifest, slice positions and orientations for volumes (also per frame)": (
+        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
+        "SpacingBetweenSlices", "SliceLocation", "PatientPosition", "PatientOrientation", "FrameOfReferenceUID",
+        "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PlanePositionSequence",
+        "PlaneOrientationSequence", "PixelMeasuresSequence", "FrameContentSequence", "TemporalPositionIndex",
+        "StackID", "InStackPositionNumber", "DimensionIndexValues", "FrameAcquisitionNumber"),
+    "pixel value transforms: stored values to modality units and display windows": (
+        "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction",
+        "VOILUTSequence", "ModalityLUTSequence", "LUTDescriptor", "LUTData", "ModalityLUTType",
+        "PresentationLUTShape", "PixelValueTransformationSequence", "FrameVOILUTSequence",
+        "PixelIntensityRelationship", "PixelIntensityRelationshipSign"),
+    "acquisition: the manifest's vendor, model, modality, view and body part, and series assembly": (
+        "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "ViewPosition", "ImageLaterality",
+        "Laterality", "PresentationIntentType", "ImageType", "SeriesNumber", "InstanceNumber", "AcquisitionNumber",
+        "TemporalPositionIdentifier", "NumberOfTemporalPositions", "EchoNumbers", "EchoTime", "EffectiveEchoTime",
+        "MREchoSequence", "RepetitionTime", "InversionTime", "EchoTrainLength", "FlipAngle",
+        "MagneticFieldStrength", "ImagingFrequency", "ScanningSequence", "SequenceVariant", "ScanOptions",
+        "MRAcquisitionType", "InPlanePhaseEncodingDirection", "DiffusionBValue", "DiffusionDirectionality",
+        "DiffusionGradientOrientation", "MRDiffusionSequence", "DiffusionGradientDirectionSequence",
+        "ConvolutionKernel", "KVP", "ExposureTime", "XRayTubeCurrent", "Exposure", "ExposureInuAs",
+        "DistanceSourceToDetector", "DistanceSourceToPatient", "FilterType", "Grid", "FocalSpots",
+        "AnodeTargetMaterial", "DetectorType"),
+    "identity of the image, under keyed pseudonyms: linking images, series and studies": (
+        "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"),
+    "the de-identification record (rewritten by medtl)": (
+        "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified"),
+}
+"""The default profile's allow-list, by reason: the one declaration of what it keeps."""
+
+ALLOW_LIST: frozenset[int] = frozenset().union(*(_tags(*keywords) for keywords in ALLOW_LIST_GROUPS.values()))
+"""Tags the ``allow_list`` profile keeps, at any depth (each under its basic action: UIDs remapped, ...)."""
+
 CID_7050: dict[str, tuple[str, str]] = {
     "profile": ("113100", "Basic Application Confidentiality Profile"),
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
@@ -188,13 +252,19 @@ _DUMMIES = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000
             "PN": "ANONYMOUS", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "CS": "ANONYMIZED", "LT": "ANONYMIZED",
             "ST": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED", "AE": "ANONYMIZED"}
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
+_MONTH = (r"(?<![a-z])(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?(?![a-z])")
+_DAY = r"(?<!\d)\d{1,2}(?:st|nd|rd|th)?(?![\d])"
+_YEAR = r"(?:'?\d{2}|\d{4})(?!\d)"
 _PATTERNS = re.compile("|".join((
     r"\d+(?:\.\d+){3,}",                                   # UIDs
     r"\d{4}[-./]\d{1,2}[-./]\d{1,2}",                      # 2020-01-31
     r"\d{1,2}[-./]\d{1,2}[-./]\d{2,4}",                    # 31.01.2020, 1/31/20
+    rf"{_DAY}[\s./-]*(?:of\s+)?{_MONTH}(?:[\s,./-]*{_YEAR})?",  # 17-Apr-2023, 4 July 1960, 17 April
+    rf"{_MONTH}[\s,./-]*(?:{_DAY}(?:[\s,./-]*{_YEAR})?|\d{{4}}(?!\d))",  # April 17, 2023; Apr 2023
     r"(?:\+|\b)\d[\d ()-]{5,}\d",                           # phone numbers, IDs with separators
     r"\d{5,}",                                             # IDs, compact dates
-)))
+)), re.IGNORECASE)
 _MIN_IDENTIFIER_LENGTH = 3
 
 
@@ -203,6 +273,7 @@ class DeidOptions:
     """Which PS3.15 E.3 options to apply on top of the basic profile (picklable, for worker processes).
 
     Attributes:
+        profile: ``"allow_list"`` (keep only :data:`ALLOW_LIST`) or ``"annex_e"`` (Table E.1-1 as a deny-list).
         longitudinal_temporal: ``"remove"`` (basic), ``"shift"`` (Modified Dates) or ``"keep"`` (Full Dates).
         date_shift_max_days: with ``"shift"``, each patient's dates move back by 1..this many days.
         retain_device_identity, retain_institution_identity, retain_patient_characteristics,
@@ -210,6 +281,7 @@ class DeidOptions:
         private_safe_list: ``(group, private creator, element byte)`` of private elements to keep.
     """
 
+    profile: str = "allow_list"
     longitudinal_temporal: str = "remove"
     date_shift_max_days: int = 3650
     retain_device_identity: bool = False
@@ -219,6 +291,8 @@ class DeidOptions:
     private_safe_list: frozenset[tuple[int, str, int]] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile {self.profile!r} must be one of {PROFILES}")
         if self.longitudinal_temporal not in ("remove", "shift", "keep"):
             raise ValueError(f"longitudinal_temporal {self.longitudinal_temporal!r} must be remove, shift or keep")
         if self.date_shift_max_days < 1:
@@ -238,7 +312,8 @@ class DeidOptions:
         for rule in cfg.private_safe_list:
             group, creator, element = (p.strip() for p in rule.split(","))
             rules.add((int(group, 16), creator, int(element, 16)))
-        return cls(longitudinal_temporal=cfg.longitudinal_temporal, date_shift_max_days=cfg.date_shift_max_days,
+        return cls(profile=cfg.profile, longitudinal_temporal=cfg.longitudinal_temporal,
+                   date_shift_max_days=cfg.date_shift_max_days,
                    retain_device_identity=cfg.retain_device_identity,
                    retain_institution_identity=cfg.retain_institution_identity,
                    retain_patient_characteristics=cfg.retain_patient_characteristics,
@@ -341,24 +416,25 @@ def date_shift_days(patient_key: str, key: bytes, max_days: int) -> int:
 
 
 def site_label(raw_site: str, aliases: dict[str, str], key: bytes) -> str:
-    """The hospital label written to the manifest for a raw site attribute value.
+    """The hospital label written to the manifest for a raw site value.
 
     The label must name the site (validation is per hospital), but it is the one place where a value
-    read before de-identification reaches the outputs. With ``aliases`` configured the raw value never
-    does: listed sites get their alias and unlisted ones a keyed pseudonym.
+    read before de-identification reaches the outputs, so the raw value never does: listed sites get
+    their alias, every other one (all of them when no aliases are configured) a keyed pseudonym. The
+    same holds for whatever names a site in place of the attribute (e.g. the input's first folder).
 
     Args:
-        raw_site: the value of ``ingest.site_attribute`` in the original file (may be empty).
+        raw_site: the value of ``ingest.site_attribute`` in the original file, or its stand-in (may be empty).
         aliases: ``ingest.deid.site_aliases``.
         key: the secret from :func:`resolve_secret`.
 
     Returns:
-        The alias; ``"site-"`` + 10 hex digits for a site missing from non-empty ``aliases``; the raw
-        value when no aliases are configured; ``""`` for an empty value.
+        The alias; ``"site-"`` + 10 hex digits for a site missing from ``aliases``; ``""`` for an empty
+        value (the caller picks a stand-in and labels it through this function too).
     """
     raw_site = raw_site.strip()
-    if not raw_site or not aliases:
-        return raw_site
+    if not raw_site:
+        return ""
     if raw_site in aliases:
         return aliases[raw_site]
     return "site-" + hmac.new(key, b"Site\x00" + raw_site.encode(), hashlib.sha256).hexdigest()[:10]
@@ -398,19 +474,42 @@ def burned_in_annotation_risk(ds: Dataset, pixels_cleaned: bool) -> str | None:
     return None
 
 
-def action_for(tag: BaseTag, vr: str, options: DeidOptions = BASIC) -> str:
-    """The action for one public element: the options' columns, then Table E.1-1, then rules by VR.
+def dictionary_vr(tag: BaseTag, written_vr: str | None = None) -> str | None:
+    """The VR by which an element is judged: the DICOM dictionary's, never the one written in the file.
+
+    Args:
+        tag: a public tag.
+        written_vr: the VR in the file (None for implicit VR); it only picks among the dictionary's
+            alternatives (``US or SS``, ``OB or OW``).
+
+    Returns:
+        The VR, or None for a tag the dictionary does not know (such elements are removed).
+    """
+    try:
+        alternatives = dictionary_VR(tag).split(" or ")
+    except KeyError:
+        return None
+    return written_vr if written_vr in alternatives else alternatives[0]
+
+
+def action_for(tag: BaseTag, options: DeidOptions = BASIC) -> str:
+    """The action for one public element, judged by its tag: the options' columns, then the profile.
+
+    ``allow_list``: a tag outside :data:`ALLOW_LIST` is removed, or emptied where the table empties it.
+    Then (both profiles) Table E.1-1, then rules by the dictionary's VR.
 
     Args:
         tag: the element's tag.
-        vr: its value representation (the dictionary's for elements read as UN).
-        options: the options applied.
+        options: the options applied (``options.profile`` included).
 
     Returns:
         ``"X"`` remove, ``"Z"`` empty, ``"D"`` dummy, ``"U"`` remap UIDs, ``"U*"`` keep the sequence and
         clean its items, ``"K"`` keep (sequences: clean their items) or ``"C"`` clean (dates: shift;
         text: scrub; sequences: clean their items).
     """
+    vr = dictionary_vr(tag)
+    if tag.element == 0x0000 or vr is None:
+        return "X"  # group lengths are wrong once anything in the group changes; unknown tags are unjudgeable
     if options.retain_institution_identity and tag in INSTITUTION_IDENTITY:
         return "K"
     if options.retain_device_identity and tag in DEVICE_IDENTITY:
@@ -424,12 +523,13 @@ def action_for(tag: BaseTag, vr: str, options: DeidOptions = BASIC) -> str:
         return "C"
     if vr in _DATE_TIME_VRS and options.longitudinal_temporal != "remove" and tag not in _NOT_TEMPORAL_OPTION:
         return "K" if options.longitudinal_temporal == "keep" else "C"
-    if tag.element == 0x0000:
-        return "X"  # group lengths are wrong once anything in the group changes
     action = TABLE.get(tag) or next((a for g, e, gm, em, a in _MASKED
                                      if tag.group & gm == g and tag.element & em == e), None)
+    action = COMBINED.get(action, action)
+    if options.profile == "allow_list" and tag not in ALLOW_LIST:
+        return "Z" if action == "Z" else "X"  # an empty value carries nothing and keeps type 2 attributes
     if action is not None:
-        return COMBINED.get(action, action)
+        return action
     if vr == "UI":
         return "K" if tag in KEEP_UIDS else "U"
     if vr == "PN":
@@ -439,7 +539,30 @@ def action_for(tag: BaseTag, vr: str, options: DeidOptions = BASIC) -> str:
     return "K"
 
 
-_action = functools.lru_cache(maxsize=8192)(action_for)  # the same few hundred (tag, VR) pairs in every file
+_action = functools.lru_cache(maxsize=8192)(action_for)  # the same few hundred tags in every file
+_vr = functools.lru_cache(maxsize=8192)(dictionary_vr)
+
+
+def allow_list_table(options: DeidOptions = BASIC) -> str:
+    """The markdown table of ``docs/deid_profile.md``: each attribute :data:`ALLOW_LIST` keeps, and why.
+
+    Args:
+        options: the options whose actions the table shows (default: the default profile alone).
+
+    Returns:
+        One row per attribute (tag, keyword, action, reason), in the order of :data:`ALLOW_LIST_GROUPS`.
+    """
+    rows = ["| Attribute | Keyword | Action | Reason |", "|---|---|---|---|"]
+    for reason, keywords in ALLOW_LIST_GROUPS.items():
+        for keyword in keywords:
+            tag = Tag(keyword)
+            rows.append(f"| ({tag.group:04X},{tag.element:04X}) | {keyword_for_tag(tag)} | "
+                        f"{_ACTION_NAMES[action_for(tag, options)]} | {reason} |")
+    return "\n".join(rows) + "\n"
+
+
+_ACTION_NAMES = {"K": "K keep", "U": "U remapped UID", "D": "D keyed pseudonym", "Z": "Z emptied", "X": "X removed",
+                 "C": "C cleaned", "U*": "U* items cleaned"}
 
 
 def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25", *, options: DeidOptions = BASIC) -> Dataset:
@@ -472,7 +595,7 @@ def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25", *, options: Deid
     out.file_meta = meta
     shifted = options.longitudinal_temporal == "shift" and ctx.shift is not None
     out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = _method_description(shifted)
+    out.DeidentificationMethod = _method_description(shifted, options.profile)
     codes = []
     for value, meaning in options.method_codes():
         if value == CID_7050["shift"][0] and not shifted:
@@ -487,9 +610,11 @@ def deidentify(ds: Dataset, key: bytes, uid_root: str = "2.25", *, options: Deid
     return out
 
 
-def _method_description(shifted: bool) -> list[str]:
+def _method_description(shifted: bool, profile: str) -> list[str]:
     """DeidentificationMethod (LO, 64 characters a value, VM 1-n); the options are in the code sequence."""
     values = [f"DICOM PS3.15 E.1.1 basic profile, table {TABLE_EDITION}", "UIDs, PatientID by HMAC-SHA256"]
+    if profile == "allow_list":
+        values.append("allow-list: only pixel, geometry, acquisition attributes kept")
     if shifted:
         values.append("dates shifted by a keyed per-patient offset")
     return values
@@ -517,30 +642,34 @@ def _scrubs(options: DeidOptions) -> bool:
 
 
 def _identifiers(ds: Dataset, options: DeidOptions) -> tuple[re.Pattern, ...]:
-    """Whole-word patterns of the identifying strings in ``ds``, longest first.
+    """Whole-word, case-insensitive patterns of the identifying strings in ``ds``, longest first.
 
-    Collected: every person name (and its components) anywhere in the dataset, and the values of every
-    text or date element that the profile removes, empties or replaces (with ``^``-separated
-    components, e.g. of addresses). Free-text values are taken whole, not split into words.
+    Collected: every person name anywhere in the dataset (each component, and family and given name
+    together in either order with any separators or none between them: ``Doe_Jane``, ``Jane Doe``), and
+    the values of every text or date element that the profile removes, empties or replaces (with
+    ``^``-separated components, e.g. of addresses). Free-text values are taken whole, not split into
+    words. A word ends at anything but a letter or digit, so ``_`` separates words too.
     """
-    found: set[str] = set()
+    found: set[str] = set()  # regular expressions
     for elem in _walk(ds):
-        vr = effective_vr(elem)
-        if vr == "SQ" or elem.tag.is_private or not elem.value:
+        if elem.VR == "SQ" or elem.tag.is_private or not elem.value:
             continue
+        vr = _vr(elem.tag, elem.VR) or elem.VR  # a tag the dictionary does not know is removed: its value counts
         if vr == "PN":
             for value in _values(elem):
-                found.add(str(value))
-                found.update(re.split(r"[\^=\s]+", str(value)))
+                parts = [p for p in re.split(r"[\^=\s]+", str(value)) if p]
+                found.update(re.escape(p) for p in parts if len(p) >= _MIN_IDENTIFIER_LENGTH)
+                if len(parts) >= 2:
+                    family, given = re.escape(parts[0]), re.escape(parts[1])
+                    found.update((rf"{family}[\W_]*{given}", rf"{given}[\W_]*{family}"))
             continue
-        if vr not in _TEXT_VRS | _DATE_TIME_VRS or action_for(elem.tag, vr, options) not in ("X", "Z", "D"):
+        if vr not in _TEXT_VRS | _DATE_TIME_VRS or _action(elem.tag, options) not in ("X", "Z", "D"):
             continue
         for value in _values(elem):
-            found.add(str(value))
-            if vr in ("LO", "SH"):
-                found.update(str(value).split("^"))
-    words = sorted({w.strip() for w in found if len(w.strip()) >= _MIN_IDENTIFIER_LENGTH}, key=len, reverse=True)
-    return tuple(re.compile(r"(?<!\w)" + re.escape(w) + r"(?!\w)", re.IGNORECASE) for w in words)
+            words = {str(value), *(str(value).split("^") if vr in ("LO", "SH") else ())}
+            found.update(re.escape(w.strip()) for w in words if len(w.strip()) >= _MIN_IDENTIFIER_LENGTH)
+    return tuple(re.compile(rf"(?<![^\W_]){w}(?![^\W_])", re.IGNORECASE)
+                 for w in sorted(found, key=len, reverse=True))
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:
@@ -563,8 +692,8 @@ def scrub_text(text: str, identifiers: Iterable[re.Pattern]) -> str:
         identifiers: whole-word patterns of the patient's identifying strings (see :func:`deidentify`).
 
     Returns:
-        ``text`` with each identifier, anything date-like, UIDs and digit runs of five or more replaced
-        by ``***``.
+        ``text`` with each identifier, anything date-like (``2023-04-17``, ``17-Apr-2023``, ``April 17,
+        2023``, ``4 July 1960``), UIDs and digit runs of five or more replaced by ``***``.
     """
     for pattern in identifiers:
         text = pattern.sub(SCRUBBED, text)
@@ -616,18 +745,24 @@ def _clean(ds: Dataset, ctx: _Context) -> Dataset:
     changed: list[DataElement] = []
     for tag, raw in ds.items():
         if tag.group & 1:  # private
-            if _safe_private(ds, tag, ctx.options.private_safe_list):
+            if not _safe_private(ds, tag, ctx.options.private_safe_list):
+                continue
+            if _written_as_sequence(raw):  # its items are de-identified like those of any other sequence
+                elem = ds[tag]
+                if elem.VR == "SQ":
+                    changed.append(DataElement(tag, "SQ", Sequence([_clean(item, ctx) for item in elem.value])))
+            elif not _encoded_items(raw):  # items hidden in a UN value cannot be cleaned: removed
                 kept[tag] = raw
             continue
-        # an element stored as UN (or implicitly) is judged by the VR the dictionary gives its tag
-        vr = effective_vr(raw)
-        action = _action(tag, vr, ctx.options)
-        if action == "X":
+        vr = _vr(tag, raw.VR)
+        action = _action(tag, ctx.options)
+        # a value that is not the structure its tag says (items under a text tag, ...) cannot be judged
+        if action == "X" or (vr != "SQ" and _written_as_sequence(raw)):
             continue
         if action == "K" and vr != "SQ":
             kept[tag] = raw
             continue
-        elem = _apply(ds[tag], action, ctx)
+        elem = _apply(ds[tag], vr, action, ctx)
         if elem is not None:
             changed.append(elem)
     # an item inherits its character set: telling it so keeps its elements raw for the writer, not re-encoded
@@ -640,12 +775,29 @@ def _clean(ds: Dataset, ctx: _Context) -> Dataset:
     return out
 
 
-def _apply(elem: DataElement, action: str, ctx: _Context) -> DataElement | None:
-    """One element after ``action`` (not X); None removes it."""
-    tag, vr = elem.tag, elem.VR
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000) little and big endian
+
+
+def _written_as_sequence(raw: object) -> bool:
+    """Whether the file stores an element as a sequence (VR SQ, or an undefined length outside PixelData)."""
+    return raw.VR == "SQ" or (getattr(raw, "length", 0) == _UNDEFINED_LENGTH and raw.tag != 0x7FE00010)
+
+
+def _encoded_items(raw: object) -> bool:
+    """Whether an element read as UN holds an encoded sequence (its value starts with an item tag)."""
+    value = raw.value
+    return raw.VR == "UN" and isinstance(value, bytes) and value[:4] in _ITEM_TAGS
+
+
+def _apply(elem: DataElement, vr: str, action: str, ctx: _Context) -> DataElement | None:
+    """One element after ``action`` (not X), written with the dictionary's ``vr``; None removes it."""
+    tag = elem.tag
     if action == "U*" and vr != "SQ":
         action = "U" if vr == "UI" else "Z"
     if vr == "SQ":
+        if elem.VR != "SQ":
+            return None  # a sequence tag holding something else: nothing in it can be judged
         if action in ("Z", "D"):
             return DataElement(tag, vr, Sequence())
         return DataElement(tag, vr, Sequence([_clean(item, ctx) for item in elem.value]))
@@ -655,9 +807,9 @@ def _apply(elem: DataElement, action: str, ctx: _Context) -> DataElement | None:
         return DataElement(tag, vr, elem.value)
     values = _values(elem)
     if action == "U" or (action == "D" and vr == "UI"):
-        mapped = [v if str(v).startswith(WELL_KNOWN_UID_ROOT) else remap_uid(str(v), ctx.key, ctx.uid_root)
-                  for v in values]
-    elif action == "D" and elem.keyword == "PatientID":
+        # only UIDs that DICOM registers (classes, syntaxes, well-known instances) name nothing patient-specific
+        mapped = [v if str(v) in UID_dictionary else remap_uid(str(v), ctx.key, ctx.uid_root) for v in values]
+    elif action == "D" and tag == _PATIENT_ID:
         # an absent ID stays absent rather than becoming one pseudonym shared by every unknown patient
         mapped = [pseudonymise_patient_id(str(values[0]), ctx.key)]
     elif action == "D":
@@ -675,6 +827,9 @@ def _apply(elem: DataElement, action: str, ctx: _Context) -> DataElement | None:
     return DataElement(tag, vr, mapped if len(mapped) > 1 else mapped[0])
 
 
+_PATIENT_ID = Tag("PatientID")
+
+
 def _safe_private(ds: Dataset, tag: BaseTag, rules: frozenset[tuple[int, str, int]]) -> bool:
     """Whether a private element (or its private creator) is on the safe list."""
     if not rules or tag.element < 0x0010:
@@ -689,7 +844,11 @@ def _safe_private(ds: Dataset, tag: BaseTag, rules: frozenset[tuple[int, str, in
     return (tag.group, creator, tag.element & 0xFF) in rules
 
 
-__all__ = ["BASIC", "BURNED_IN_MODALITIES", "CID_7050", "COMBINED", "DEVELOPMENT_KEY", "DeidOptions", "TABLE",
-           "action_for", "burned_in_annotation_risk", "check_uid_root", "date_shift_days", "deidentify",
-           "pseudonymise_patient_id", "remap_uid", "resolve_secret", "scrub_text",
-           "shift_date", "site_label"]
+__all__ = ["ALLOW_LIST", "ALLOW_LIST_GROUPS", "BASIC", "BURNED_IN_MODALITIES", "CID_7050", "COMBINED",
+           "DEVELOPMENT_KEY", "PROFILES", "DeidOptions", "TABLE", "action_for", "allow_list_table",
+           "burned_in_annotation_risk", "check_uid_root", "date_shift_days", "deidentify", "dictionary_vr",
+           "pseudonymise_patient_id", "remap_uid", "resolve_secret", "scrub_text", "shift_date", "site_label"]
+
+
+if __name__ == "__main__":  # python -m medtl.ingest.deid: the table of docs/deid_profile.md
+    print(allow_list_table(), end="")

@@ -1,25 +1,40 @@
 """``ingest_folder``: a DICOM folder → de-identified, validated arrays, a manifest and a ledger.
 
-Every regular file under the input folder is an input (except the labels CSV). Each one ends up in
-exactly one of three states, recorded in the ledger with its content hash:
+Every entry below the input folder is accounted for (except the labels CSV and an ingest folder inside
+the input, which are not inputs). Each one ends up in exactly one of five states, recorded in the ledger
+with its content hash:
 
 * ``ingested`` — validated, decoded to ``arrays/<sop uid>.npy`` (and, when ``deid.keep_dicom``,
   ``dicom/<sop uid>.dcm`` de-identified), one manifest row;
-* ``quarantined`` — copied to ``quarantine/<hash[:16]>_<name>`` with the reason in the ledger;
-* ``duplicate`` — same bytes as a file already seen at another path.
+* ``quarantined`` — copied to ``quarantine/<hash[:16]>_<name>`` (holes of a sparse file stay holes; a
+  long name is cut to its end) with the reason in the ledger;
+* ``duplicate`` — same bytes as a file already seen at another path;
+* ``skipped`` — not read, with the reason: a symbolic link leaving the input folder, a link loop or a
+  broken link, a link to a folder, a FIFO, socket or device, a file or folder that cannot be read. Its
+  "content hash" stands for the reason (nothing was read);
+* ``retry`` — parsing hit a resource limit (out of memory, timed out, worker killed): nothing is
+  copied and the next run parses the file again.
 
-Re-running is incremental: a file whose path and content hash are already in the ledger is not
-touched again, and it counts under its recorded state. The input folder is never modified.
+Symbolic links are never followed out of the input folder. A link to a *file* inside it is read like a
+file, so the linked content counts once as an image and once as a duplicate; a link to a *folder* is
+skipped, because the folder's files are already counted under their own paths (following it would only add
+duplicates, or loop).
+
+Re-running is incremental: a file whose path and content hash are already in the ledger (other than as
+``retry``) is not touched again, and it counts under its recorded state. The input folder is never modified.
+A name that is not valid UTF-8 is recorded with its undecodable bytes written ``\\xNN``.
 """
 
 from __future__ import annotations
 
 import functools
+import errno
 import hashlib
 import io
 import logging
 import os
 import shutil
+import stat
 import time
 import warnings
 from collections import Counter
@@ -36,7 +51,7 @@ from medtl.ingest.deid import DeidOptions, check_uid_root, resolve_secret
 from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, ledger_path, merge_manifest,
                                    load_ledger, read_manifest, write_table_atomic)
 from medtl.ingest.reader import RejectedFile, preprocess
-from medtl.ingest.sandbox import available_cpus, sandboxed_map
+from medtl.ingest.sandbox import available_cpus, is_resource_failure, sandboxed_map
 from medtl.ingest.volume import RejectedSeries, SeriesGroup, Volume, assemble, group_series, is_volume_series, write_nifti
 from medtl.ingest.worker import STAGING, FileJob, FileResult, WorkerSettings, ingest_file
 from medtl.workspace import Workspace
@@ -46,28 +61,40 @@ logger = logging.getLogger("medtl.ingest")
 _HASH_CHUNK = 1 << 20
 CHECKPOINT_SECONDS = 30.0
 _PARTIAL_SUFFIX = ".tmp"
+_QUARANTINE_NAME_BYTES = 128  # of the input's name kept in its quarantine copy's: file systems allow 255 in all
 
 
 @dataclass(frozen=True)
 class IngestSummary:
     """Accounting of one ingestion run; ``str()`` gives the one-line balance.
 
-    Files already handled by an earlier run count under their recorded state *and* in
-    ``skipped_already_done``.
+    ``files_in`` counts every entry below the input folder; each is in exactly one of ``ingested``,
+    ``quarantined``, ``duplicates``, ``skipped`` (not read, see the ledger for why) and ``to_retry`` (hit a
+    resource limit; the next run parses it again). Entries already handled by an earlier run count under
+    their recorded state *and* in ``skipped_already_done``.
+
+    Examples:
+        >>> str(IngestSummary(files_in=7, ingested=2, quarantined=0, duplicates=1, skipped=4, to_retry=0,
+        ...                   skipped_already_done=0))
+        'files in 7 = ingested 2 + quarantined 0 + duplicates 1 + skipped 4 (already done 0)'
     """
 
     files_in: int
     ingested: int
     quarantined: int
     duplicates: int
+    skipped: int
+    to_retry: int
     skipped_already_done: int
     per_hospital: dict[str, int] = field(default_factory=dict)
     manifest_rows: int = 0
     manifest: Path | None = None
 
     def __str__(self) -> str:
+        # skipped and to-retry entries are rare: their terms appear when there are some
+        rare = "".join(f" + {name} {n}" for name, n in (("skipped", self.skipped), ("to retry", self.to_retry)) if n)
         return (f"files in {self.files_in} = ingested {self.ingested} + quarantined {self.quarantined} "
-                f"+ duplicates {self.duplicates} (already done {self.skipped_already_done})")
+                f"+ duplicates {self.duplicates}{rare} (already done {self.skipped_already_done})")
 
 
 def ingest_folder(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
@@ -96,9 +123,10 @@ class PreparedIngest:
 
     input_dir: Path
     files: list[tuple[str, Path]]
+    skipped: list[tuple[str, str]]  # (relative path, reason): entries discovery does not read
     labels: dict[str, int]
     settings: WorkerSettings
-    ledger: pd.DataFrame  # the stored ledger without the entries of images that went missing
+    ledger: pd.DataFrame  # the stored ledger without the entries of images that went missing, nor those to retry
     manifest: pd.DataFrame  # likewise for the manifest
     plan: _Plan
 
@@ -130,7 +158,7 @@ def prepare_ingest(cfg: IngestConfig, ws: Workspace) -> PreparedIngest:
         raise FileNotFoundError(f"ingest.labels_csv {labels_csv} does not exist")
     settings = worker_settings(cfg, ws.ingest)
 
-    files = discover(input_dir, skip=[labels_csv, ws.ingest])
+    files, skipped = scan_inputs(input_dir, skip=[labels_csv, ws.ingest])
     labels = read_labels(labels_csv, {rel for rel, _ in files}) if labels_csv.is_file() else {}
     for folder in (ws.ingest / "arrays", ws.quarantine, *([ws.ingest / "dicom"] if cfg.deid.keep_dicom else [])):
         folder.mkdir(parents=True, exist_ok=True)
@@ -138,9 +166,10 @@ def prepare_ingest(cfg: IngestConfig, ws: Workspace) -> PreparedIngest:
     shutil.rmtree(_staging(ws), ignore_errors=True)
     _staging(ws).mkdir(parents=True)
     ledger, manifest = drop_missing_images(load_ledger(ws), read_manifest(ws), ws)
-    logger.info("ingesting %d files from %s", len(files), input_dir)
-    return PreparedIngest(input_dir=input_dir, files=files, labels=labels, settings=settings, ledger=ledger,
-                          manifest=manifest, plan=_plan(files, ledger, input_dir))
+    ledger = ledger[ledger["status"] != "retry"].reset_index(drop=True)  # this run parses them again
+    logger.info("ingesting %d files from %s (%d other entries skipped)", len(files), input_dir, len(skipped))
+    return PreparedIngest(input_dir=input_dir, files=files, skipped=skipped, labels=labels, settings=settings,
+                          ledger=ledger, manifest=manifest, plan=_plan(files, skipped, ledger))
 
 
 def finish_ingest(ws: Workspace, prepared: PreparedIngest, results: Iterable[FileResult]) -> IngestSummary:
@@ -182,11 +211,13 @@ def finish_ingest(ws: Workspace, prepared: PreparedIngest, results: Iterable[Fil
     per_hospital = Counter(hospital_of.get(image, "unknown")  # ingested files per hospital
                            for path, status, image in zip(new_ledger["path"], new_ledger["status"], new_ledger["image"])
                            if status == "ingested" and path in this_run)
-    summary = IngestSummary(files_in=len(prepared.files), ingested=counts["ingested"],
+    summary = IngestSummary(files_in=len(prepared.files) + len(prepared.skipped), ingested=counts["ingested"],
                             quarantined=counts["quarantined"], duplicates=counts["duplicate"],
+                            skipped=counts["skipped"], to_retry=counts["retry"],
                             skipped_already_done=len(plan.already), per_hospital=dict(sorted(per_hospital.items())),
                             manifest_rows=len(new_manifest), manifest=ws.manifest)
-    if summary.files_in != summary.ingested + summary.quarantined + summary.duplicates:
+    if summary.files_in != (summary.ingested + summary.quarantined + summary.duplicates + summary.skipped
+                            + summary.to_retry):
         raise RuntimeError(f"ingest accounting does not balance: {summary}; this is a bug in medtl.ingest")
     logger.info("%s", summary)
     return summary
@@ -204,27 +235,35 @@ def worker_settings(cfg: IngestConfig, outputs: Path) -> WorkerSettings:
 @dataclass
 class _Plan:
     jobs: list[FileJob] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)  # ledger rows decided without parsing (also refused links)
+    duplicates: list[dict] = field(default_factory=list)  # ledger rows decided without parsing (also skipped entries)
     already: list[tuple[str, str]] = field(default_factory=list)  # (status, content hash) from earlier runs
 
 
-def _plan(files: list[tuple[str, Path]], ledger: pd.DataFrame, input_dir: Path) -> _Plan:
-    """Decide every file's fate from its content hash before doing any expensive work."""
+def _plan(files: list[tuple[str, Path]], skipped: list[tuple[str, str]], ledger: pd.DataFrame) -> _Plan:
+    """Decide every entry's fate from its content hash (or why it is skipped) before doing any expensive work."""
     done = dict(zip(zip(ledger["path"], ledger["content_hash"]), ledger["status"]))
-    owner = {h: p for p, h, s in zip(ledger["path"], ledger["content_hash"], ledger["status"]) if s != "duplicate"}
-    root = input_dir.resolve()
+    owner = {h: p for p, h, s in zip(ledger["path"], ledger["content_hash"], ledger["status"])
+             if s not in ("duplicate", "skipped")}
     plan = _Plan()
+
+    def skip(rel: str, reason: str) -> None:
+        # Nothing was read: the reason stands in for the content, so the entry counts as done until it changes.
+        key = hashlib.sha256(f"skipped\0{reason}".encode()).hexdigest()
+        if (rel, key) in done:
+            plan.already.append((done[(rel, key)], key))
+        else:
+            logger.warning("skipped %s: %s", rel, reason)
+            plan.duplicates.append(_ledger_row(rel, key, "skipped", reason))
+
+    for rel, reason in skipped:
+        skip(rel, reason)
     for rel, path in files:
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
-            # Reading through it could pull in any file the process may read; it is accounted for, never followed.
-            link_hash = hashlib.sha256(f"symlink:{os.readlink(path)}".encode()).hexdigest()
-            if (rel, link_hash) in done:
-                plan.already.append((done[(rel, link_hash)], link_hash))
-            else:
-                plan.duplicates.append(_ledger_row(rel, link_hash, "quarantined", "symbolic link to a file outside "
-                                                   "the input folder: not followed; copy the file in instead"))
+        try:
+            content_hash = file_sha256(path)
+        except OSError as exc:
+            skip(rel, f"unreadable: {(exc.strerror or str(exc)).lower()}; give the account running medtl read "
+                      "access and run ingest again")
             continue
-        content_hash = file_sha256(path)
         status = done.get((rel, content_hash))
         if status is not None:
             plan.already.append((status, content_hash))
@@ -259,10 +298,14 @@ def _process(results: Iterable[FileResult], n_jobs: int, settings: WorkerSetting
         if not result.reason and sop_owner.get(sop, job.content_hash) != job.content_hash:
             result.reason = (f"SOPInstanceUID collision: another file with different content already has this "
                              f"SOPInstanceUID (content hash {sop_owner[sop][:16]}); fix the UIDs at the source")
-        if result.reason:
-            _quarantine(job, ws.quarantine)
-            logger.warning("quarantined %s: %s", job.relpath, result.reason)
-            ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "quarantined", result.reason))
+        if result.reason and is_resource_failure(result.reason):
+            # Not the file's fault alone (a busy machine, a limit set low): nothing is copied, the next run retries.
+            logger.warning("not ingested %s, retried by the next run: %s", job.relpath, result.reason)
+            ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "retry", result.reason))
+        elif result.reason:
+            reason = result.reason + _quarantine(job, ws.quarantine)
+            logger.warning("quarantined %s: %s", job.relpath, reason)
+            ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "quarantined", reason))
         else:
             sop_owner[sop] = job.content_hash
             manifest_rows.append(_store(result, ws))
@@ -349,7 +392,7 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
         if status != "ingested":  # its de-identified copy was written when it arrived; it is not an output
             (ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm").unlink(missing_ok=True)
         if status == "quarantined":
-            _quarantine(result.job, ws.quarantine)
+            reason += _quarantine(result.job, ws.quarantine)
             logger.warning("quarantined %s: %s", result.job.relpath, reason)
         ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason, image))
     checkpoint(ledger_rows, manifest_rows)
@@ -418,7 +461,8 @@ def remove_partial_files(root: Path) -> int:
 
 
 def discover(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, Path]]:
-    """Every regular file under ``input_dir``, sorted by relative path.
+    """The files to read below ``input_dir``, sorted by relative path (:func:`scan_inputs` without the entries it
+    skips).
 
     Args:
         input_dir: the folder to walk.
@@ -427,25 +471,97 @@ def discover(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, Path
     Returns:
         ``(relative posix path, path)`` pairs.
     """
-    skipped = {p.resolve() for p in skip}
+    return scan_inputs(input_dir, skip)[0]
+
+
+def scan_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """Every entry below ``input_dir``: the files to read and, with why, the entries not to read.
+
+    A symbolic link is read only when it leads to a regular file inside ``input_dir``. Links leaving the folder,
+    loops, broken links, links to folders (their files are counted under their own paths), FIFOs, sockets,
+    devices and folders that cannot be listed are skipped, each with its reason.
+
+    Args:
+        input_dir: the folder to walk.
+        skip: files or folders to leave out (the labels CSV, an ingest folder inside the input): not inputs.
+
+    Returns:
+        ``(files, skipped)``: ``(relative path, path)`` pairs of the files to read and ``(relative path,
+        reason)`` pairs of the others, each sorted by relative path. Relative paths use ``/`` and write the
+        bytes of a name that is not valid UTF-8 as ``\\xNN``.
+    """
+    excluded = {p.resolve() for p in skip}
     root = input_dir.resolve()
-    found = []
-    folders = [""]
+    found: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
+    folders = [("", Path())]  # (relative path as recorded, relative path on disk)
     while folders:
-        relative = folders.pop()
-        with os.scandir(input_dir / relative) as entries:
-            for entry in entries:
-                rel = f"{relative}/{entry.name}" if relative else entry.name
-                # Below a resolved root, only a symbolic link can lead elsewhere: resolving every path (several
-                # system calls each) would cost more than the rest of discovery.
-                real = Path(entry.path).resolve() if entry.is_symlink() else root / rel
-                if real in skipped:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(rel)
-                elif entry.is_file():
-                    found.append((rel, input_dir / rel))
-    return sorted(found)
+        relative, on_disk = folders.pop()
+        try:
+            entries = list(os.scandir(input_dir / on_disk))
+        except OSError as exc:
+            if not relative:
+                raise
+            skipped.append((relative, f"folder cannot be listed: {(exc.strerror or str(exc)).lower()}; its "
+                                      "files are not counted"))
+            continue
+        for entry in entries:
+            rel = f"{relative}/{_printable(entry.name)}" if relative else _printable(entry.name)
+            path = input_dir / on_disk / entry.name
+            if entry.is_symlink():
+                reason = _link_reason(path, root, excluded)
+                if reason is None:
+                    found.append((rel, path))
+                elif reason:
+                    skipped.append((rel, reason))
+            elif root / on_disk / entry.name in excluded:
+                continue
+            elif entry.is_dir(follow_symlinks=False):
+                folders.append((rel, on_disk / entry.name))
+            elif entry.is_file(follow_symlinks=False):
+                found.append((rel, path))
+            else:
+                skipped.append((rel, f"not a regular file ({_kind(entry.stat(follow_symlinks=False).st_mode)})"))
+    return sorted(found), sorted(skipped)
+
+
+def _link_reason(link: Path, root: Path, excluded: set[Path]) -> str | None:
+    """Why a symbolic link is not read; ``None`` to read it (a regular file inside ``root``), ``""`` to leave it
+    out (it leads to an excluded path)."""
+    try:
+        mode = os.stat(link).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: not followed"
+        if exc.errno == errno.ENOENT:
+            return "broken symbolic link: its target does not exist"
+        return f"symbolic link whose target cannot be examined: {(exc.strerror or str(exc)).lower()}"
+    real = Path(os.path.realpath(link))
+    if real in excluded:
+        return ""
+    if not real.is_relative_to(root):
+        # Reading through it could pull in any file the process may read: accounted for, never followed.
+        return "symbolic link leaving the input folder: not followed; copy the file or folder in instead"
+    if stat.S_ISDIR(mode):
+        return ("symbolic link to a folder inside the input folder: not followed, its files are counted under "
+                "their own paths")
+    if not stat.S_ISREG(mode):
+        return f"symbolic link to something that is not a regular file ({_kind(mode)})"
+    return None
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def _printable(name: str) -> str:
+    """``name`` as valid UTF-8: undecodable bytes (lone surrogates from ``os.fsdecode``) written ``\\xNN``, so that
+    Parquet, JSON and logs can hold it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def file_sha256(path: Path) -> str:
@@ -569,11 +685,60 @@ def _store(result: FileResult, ws: Workspace) -> dict:
     return {**result.record, "image": f"arrays/{result.record['sop_uid']}.npy", "volume": "", "label": pd.NA}
 
 
-def _quarantine(job: FileJob, quarantine: Path) -> None:
-    target = quarantine / f"{job.content_hash[:16]}_{job.path.name}"
+def _quarantine(job: FileJob, quarantine: Path) -> str:
+    """Copy ``job``'s file to ``quarantine/<hash[:16]>_<name>``; returns what to add to its reason ("" when copied).
+
+    The name keeps at most the last :data:`_QUARANTINE_NAME_BYTES` bytes of the input's (its extension, within
+    the file system's 255), written as in the ledger.
+    """
+    name = job.relpath.rsplit("/", 1)[-1]
+    while len(name.encode()) > _QUARANTINE_NAME_BYTES:
+        name = name[1:]
+    target = quarantine / f"{job.content_hash[:16]}_{name}"
     tmp = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
-    shutil.copyfile(job.path, tmp)
-    os.replace(tmp, target)
+    try:
+        copy_sparse(job.path, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:  # e.g. the file went away or became unreadable since it was hashed
+        tmp.unlink(missing_ok=True)
+        return f" (no copy in quarantine/: {(exc.strerror or str(exc)).lower()})"
+    return ""
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target``, leaving the source's holes unwritten, so that a sparse file that declares
+    terabytes costs only its real data on disk.
+
+    Args:
+        source: the file to copy.
+        target: the copy (created or replaced).
+
+    Raises:
+        OSError: when either file cannot be opened, read or written.
+    """
+    if not hasattr(os, "SEEK_DATA"):  # Windows: no way to find the holes
+        shutil.copyfile(source, target)
+        return
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                if exc.errno != errno.EINVAL:
+                    raise
+                start, end = offset, size  # a file system that cannot tell holes: copy the rest as data
+            src.seek(start)
+            dst.seek(start)
+            while start < end and (chunk := src.read(min(_HASH_CHUNK, end - start))):
+                dst.write(chunk)
+                start += len(chunk)
+            offset = end
+        dst.truncate(size)  # a trailing hole, written as length only
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,9 +1,9 @@
 """The manifest (one row per ingested image) and the ledger (one row per input file).
 
 The manifest is what every later stage reads (through :func:`load_manifest`); its columns are
-documented in ``docs/architecture.md``. The ledger records the fate of every input file — ingested,
-quarantined (with the reason) or duplicate — keyed by path and content hash, which is what makes
-re-running ingestion incremental.
+documented in ``docs/architecture.md``. The ledger records the fate of every entry of the input folder —
+ingested, quarantined (with the reason), duplicate, skipped without being read (with the reason) or to retry
+after a resource limit — keyed by path and content hash, which is what makes re-running ingestion incremental.
 
 Both are Parquet files written atomically (temporary file + rename), so an interrupted run never
 leaves a half-written table behind.
@@ -53,12 +53,12 @@ MANIFEST_COLUMNS: dict[str, str] = {
 LEDGER_COLUMNS: dict[str, str] = {
     "path": "str",  # relative to the input folder, posix separators
     "content_hash": "str",
-    "status": "str",
+    "status": "str",  # one of STATUSES
     "reason": "str",  # empty for ingested files
     "image": "str",  # ingested: the manifest image it went into (3D: its series' array); else empty
 }
 
-STATUSES = ("ingested", "quarantined", "duplicate")
+STATUSES = ("ingested", "quarantined", "duplicate", "skipped", "retry")
 
 
 def ledger_path(ws: Workspace) -> Path:

@@ -10,20 +10,26 @@ The reader assumes nothing a file declares until it has checked it: the file is 
 that a lying element length cannot make the parser allocate more than the file holds, sequence
 nesting is bounded, and the decoded size that Rows, Columns, NumberOfFrames and SamplesPerPixel
 imply, and the size every compressed frame's own codestream declares, are checked against a budget
-before any pixel is decoded (a decompression bomb is a few bytes that declare terabytes).
+before any pixel is decoded (a decompression bomb is a few bytes that declare terabytes); a deflated
+dataset is inflated only up to that budget. Pixel data keeps only the declared frames: what could hide
+behind or inside them (elements swallowed by an over-long PixelData, extra fragments, JPEG comment and
+application segments) is removed or refused, since the de-identified copy is written from it.
 
 References: DICOM PS3.3 C.7.6.3 (Image Pixel module), C.11.1 (Modality LUT), C.11.2 (VOI LUT),
-PS3.5 8 (pixel data encoding), A.4 (encapsulation); ITU-R BT.601 (luma weights).
+PS3.5 8 (pixel data encoding), A.4 (encapsulation), A.5 (deflate); ITU-T T.81, T.87 and T.800 (JPEG,
+JPEG-LS and JPEG 2000 codestreams); ITU-R BT.601 (luma weights).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,14 +37,17 @@ import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.tag import Tag
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, MediaStorageDirectoryStorage)
+                         ImplicitVRLittleEndian, MediaStorageDirectoryStorage, RLETransferSyntaxes)
 
 from medtl.ingest import fastparse
 
@@ -63,6 +72,7 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-1
 
 
 _PERCENTILE_SAMPLES = 1 << 18
+_INFLATE_CHUNK = 16 * 1024**2
 
 
 class RejectedFile(Exception):
@@ -101,7 +111,12 @@ def read_dataset(path: Path, *, max_bytes: int = MAX_DECODED_BYTES) -> Dataset:
     # pydicom warns once per odd value; the reasons below say what matters, the rest is log noise
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = _parse(data)
+        ds = fastparse.parse(data)  # the same dataset as dcmread's, faster, for the files it reads
+        if ds is None:  # deflated, big endian, without file meta, or damaged: pydicom reads it
+            data, file_meta = _inflate(data, max_bytes)
+            ds = _parse(data)
+            if file_meta is not None:
+                ds.file_meta = file_meta  # the file's own: deflated, as written
         _check_complete(ds, data, [str(w.message) for w in caught])
         try:
             _check_nesting(ds, depth=0)
@@ -115,11 +130,61 @@ def read_dataset(path: Path, *, max_bytes: int = MAX_DECODED_BYTES) -> Dataset:
     return ds
 
 
+def _inflate(data: bytes, max_bytes: int) -> tuple[bytes, FileMetaDataset | None]:
+    """A deflated file (PS3.5 A.5) as the explicit VR little endian file it inflates to, within ``max_bytes``.
+
+    pydicom inflates the whole dataset at once, whatever its size, so a few megabytes that inflate to
+    gigabytes would exhaust the worker: here the dataset is inflated to at most ``max_bytes`` and refused
+    beyond, before anything is parsed.
+
+    Args:
+        data: the file's bytes.
+        max_bytes: the decode budget on the inflated dataset.
+
+    Returns:
+        ``(data, None)`` for a file that is not deflated; else the inflated file and its original file meta.
+
+    Raises:
+        RejectedFile: when the dataset inflates beyond ``max_bytes`` or is not a valid deflate stream.
+    """
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, True)
+        file_meta = _read_file_meta_info(stream)  # where and as dcmread reads it
+    except Exception:  # the parser meets the same problem and words it
+        return data, None
+    if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return data, None
+    start = stream.tell()
+    # first only measured, an inflated chunk at a time, so that a bomb is refused having held one chunk
+    inflater, pending, size = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[start:], 0
+    try:
+        while pending and size <= max_bytes:
+            size += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+        if size <= max_bytes:
+            size += len(inflater.flush())  # the input is consumed: what is left is at most a window
+        if size <= max_bytes:
+            dataset = zlib.decompress(memoryview(data)[start:], -zlib.MAX_WBITS, max(size, 1))
+    except zlib.error as exc:
+        raise RejectedFile(f"the deflated dataset (Transfer Syntax {DeflatedExplicitVRLittleEndian.name}) cannot "
+                           f"be inflated: zlib: {exc}") from exc
+    if size > max_bytes:
+        raise RejectedFile(f"the deflated dataset ({_human(len(data) - start)}, Transfer Syntax "
+                           f"{DeflatedExplicitVRLittleEndian.name}) inflates to more than the {_human(max_bytes)} "
+                           "decode budget (ingest.max_decoded_mib): a decompression bomb; raise the budget only if "
+                           "such files are expected")
+    inflated_meta = copy.deepcopy(file_meta)
+    inflated_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, inflated_meta, enforce_standard=False)
+    preamble = data[:128] if data[128:132] == b"DICM" else bytes(128)
+    return b"".join((preamble, b"DICM", meta.getvalue(), dataset)), file_meta
+
+
 def _parse(data: bytes) -> Dataset:
-    """``dcmread(BytesIO(data))``, by :func:`fastparse.parse` where it can (the same dataset, faster)."""
-    ds = fastparse.parse(data)
-    if ds is not None:
-        return ds
+    """``dcmread(BytesIO(data))``, with its errors as quarantine reasons."""
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
@@ -178,11 +243,10 @@ def _check_complete(ds: Dataset, data: bytes, parser_warnings: list[str]) -> Non
             return  # validate() states the pixel shortfall in pixels
         raise RejectedFile(f"truncated: the file ends inside {_name(last.tag)}, which declares "
                            f"{last.length} bytes ({len(last.value)} present)")
-    if _file_meta(ds).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        rest = data[last.value_tell + last.length:]
-        if 0 < len(rest) < 12 and any(rest):  # zero bytes are padding; a cut header has a tag
-            raise RejectedFile(f"truncated: the file ends inside the header of the element after "
-                               f"{_name(last.tag)} ({len(rest)} bytes of it present)")
+    rest = data[last.value_tell + last.length:]
+    if 0 < len(rest) < 12 and any(rest):  # zero bytes are padding; a cut header has a tag
+        raise RejectedFile(f"truncated: the file ends inside the header of the element after "
+                           f"{_name(last.tag)} ({len(rest)} bytes of it present)")
 
 
 def _check_nesting(ds: Dataset, depth: int) -> None:
@@ -247,13 +311,18 @@ def validate(ds: Dataset, spatial_dims: int, *, max_decoded_bytes: int = MAX_DEC
     ``max_decoded_bytes`` first, and each compressed frame's codestream header is compared with
     Rows and Columns, because decoders allocate what the codestream says.
 
+    PixelData is cut in ``ds`` to what the image needs, so that the de-identified copy made from ``ds``
+    carries nothing else: zero padding after native frames is dropped and compressed frames lose their
+    comment and application segments; other bytes after the frames, in native or encapsulated data, are
+    refused.
+
     Args:
         ds: dataset from :func:`read_dataset`.
         spatial_dims: 2 for single-frame images, 3 for multi-frame volumes.
         max_decoded_bytes: limit on the decoded stored samples plus their float64 grey copy.
 
     Raises:
-        RejectedFile: naming the offending attribute.
+        RejectedFile: naming the offending attribute, or the frame and offset of offending pixel data.
     """
     if _sop_class(ds) == MediaStorageDirectoryStorage:
         raise RejectedFile("DICOMDIR (Media Storage Directory): an index of other files, not an image; "
@@ -285,7 +354,7 @@ def validate(ds: Dataset, spatial_dims: int, *, max_decoded_bytes: int = MAX_DEC
     _check_photometric(ds, samples)
     _check_bits(ds)
     if syntax.is_encapsulated:
-        _check_encapsulated(ds, syntax, rows, columns)
+        _check_encapsulated(ds, syntax, rows, columns, frames, samples)
     else:
         _check_native_length(ds, rows, columns, frames, samples)
 
@@ -321,6 +390,12 @@ def _check_bits(ds: Dataset) -> None:
 
 
 def _check_native_length(ds: Dataset, rows: int, columns: int, frames: int, samples: int) -> None:
+    """Check that native PixelData holds the declared frames, and cut it to them.
+
+    Trailing zero bytes (padding some writers add) are removed from ``ds``; anything else after the
+    declared frames is refused, because it would be written out with the image: elements hidden behind an
+    over-long PixelData, or a header that declares less than the data holds.
+    """
     elem = ds["PixelData"]
     if elem.is_undefined_length:
         raise RejectedFile(f"PixelData is encapsulated (undefined length) but the Transfer Syntax "
@@ -329,25 +404,49 @@ def _check_native_length(ds: Dataset, rows: int, columns: int, frames: int, samp
     bits = _int(ds, "BitsAllocated")
     # native YBR_FULL_422 stores two samples per pixel (PS3.3 C.7.6.3.1.2)
     per_pixel = 2 if samples == 3 and str(ds.PhotometricInterpretation) == "YBR_FULL_422" else samples
-    frame_bytes = rows * columns * per_pixel * bits / 8
-    expected = math.ceil(frame_bytes * frames)
-    actual = len(elem.value or b"")
+    expected = math.ceil(rows * columns * per_pixel * bits / 8 * frames)
+    value = elem.value or b""
+    actual = len(value)
     detail = (f"(Rows {rows} x Columns {columns} x frames {frames} x samples {per_pixel} x {bits} bits)"
               if per_pixel != 1 else f"(Rows {rows} x Columns {columns} x frames {frames} x {bits} bits)")
     item_tag = b"\xfe\xff\x00\xe0" if _transfer_syntax(ds).is_little_endian else b"\xff\xfe\xe0\x00"
-    if actual != expected and (elem.value or b"").startswith(item_tag):
+    if actual != expected and value.startswith(item_tag):
         raise RejectedFile(f"PixelData is encapsulated (it starts with an Item tag (FFFE,E000)) but the Transfer "
                            f"Syntax {_transfer_syntax(ds).name} is native: the header's transfer syntax does not "
                            "describe the data")
     if actual < expected:
         raise RejectedFile(f"truncated: pixel data length {actual} != expected {expected} {detail}")
-    if actual - expected >= max(frame_bytes, 2):
-        # trailing padding shorter than a frame is dropped; more means the header is wrong
-        raise RejectedFile(f"pixel data length {actual} != expected {expected} {detail}: "
-                           f"{actual - expected} bytes too many, a whole frame or more")
+    padded = expected + expected % 2  # PS3.5 7.1.1: values have an even length
+    if value[expected:].strip(b"\x00"):
+        raise RejectedFile(f"pixel data length {actual} != expected {expected} {detail}: the {actual - expected} "
+                           "bytes after the declared frames are not zero padding (other elements or data hidden "
+                           "behind the image, or Rows/Columns/NumberOfFrames declaring less than the data); "
+                           "re-export the file with a header that describes its pixel data")
+    if actual != padded:
+        elem.value = value[:padded]
 
 
-def _check_encapsulated(ds: Dataset, syntax: UID, rows: int, columns: int) -> None:
+# JPEG (ITU-T T.81 B.1.1.3) and JPEG-LS (T.87 C.1.1): markers without a length; everything else has one
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RST0-7, TEM
+_JPEG_DNL, _JPEG_SOS = 0xDC, 0xDA
+_JPEG_TEXT = frozenset(range(0xE0, 0xF0)) | {0xFE}  # APP0-15 and COM: application data and comments
+# APP segments that change how pixels decode, kept: Adobe's colour transform (APP14, which decoders also read
+# its version from) and HP's JPEG-LS colour transform (APP8 "mrfx"); numbers of a fixed length, no room for text
+_JPEG_DECODING_APP = {(0xEE, b"Adobe"): 12, (0xE8, b"mrfx"): 5}  # (marker, signature) -> payload length
+# JPEG 2000 (ITU-T T.800 A.2): COM, start of tile-part, start of data, tile-part lengths, end of codestream
+_J2K_COM, _J2K_SOT, _J2K_SOD, _J2K_TLM, _J2K_EOC = 0x64, 0x90, 0x93, 0x55, 0xD9
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # T.800 I.5.1; the codestream is in the "jp2c" box
+
+
+def _check_encapsulated(ds: Dataset, syntax: UID, rows: int, columns: int, frames: int, samples: int) -> None:
+    """Check encapsulated PixelData frame by frame, and keep in ``ds`` only what decodes to the image.
+
+    The fragments are grouped into frames (by the Basic or Extended Offset Table, else by the codestreams'
+    ends); every JPEG, JPEG-LS and JPEG 2000 codestream is walked marker by marker, however it is split
+    into fragments, so that the size its header declares is compared with Rows, Columns and
+    SamplesPerPixel before a decoder allocates it, and its comment and application segments (free text,
+    thumbnails) are removed. Fragments or bytes that belong to no frame are refused.
+    """
     elem = ds["PixelData"]
     if not elem.is_undefined_length:
         raise RejectedFile(f"Transfer Syntax {syntax.name} is encapsulated (compressed) but PixelData is not "
@@ -359,42 +458,271 @@ def _check_encapsulated(ds: Dataset, syntax: UID, rows: int, columns: int) -> No
     if not decoder.is_available:
         raise RejectedFile(f"no pixel decoder installed for Transfer Syntax {syntax.name}; install one of: "
                            f"{'; '.join(decoder.missing_dependencies)}")
-    little = syntax.is_little_endian
     try:
-        fragments = list(generate_fragments(elem.value, endianness="<" if little else ">"))
+        items = list(generate_fragments(elem.value, endianness="<" if syntax.is_little_endian else ">"))
     except ValueError as exc:
-        raise RejectedFile(f"malformed encapsulated PixelData: {exc}") from exc
-    if len(fragments) < 2:  # the Basic Offset Table item, then at least one fragment
+        raise RejectedFile(f"malformed encapsulated PixelData: {_one_line(exc)}") from exc
+    if len(items) < 2:  # the Basic Offset Table item, then at least one fragment
         raise RejectedFile("encapsulated PixelData holds no compressed fragment")
-    for index, fragment in enumerate(fragments[1:]):
-        declared = _codestream_size(fragment)
-        if declared is not None and declared != (rows, columns) and 0 not in declared:
-            raise RejectedFile(f"codestream size mismatch: fragment {index} declares {declared[0]} x {declared[1]} "
-                               f"pixels but Rows x Columns is {rows} x {columns}")
+    bot, *fragments = items
+    ranges = _frame_ranges(ds, bot, fragments, frames)
+    if len(ranges) > frames:
+        raise RejectedFile(f"encapsulated PixelData holds {len(fragments) - ranges[frames][0]} fragment(s) after "
+                           f"the last of its {frames} frame(s): data that belongs to no frame; re-export the file")
+    if len(ranges) < frames:
+        raise RejectedFile(f"encapsulated PixelData holds {len(ranges)} frame(s) but NumberOfFrames is {frames}")
+    if syntax in RLETransferSyntaxes:
+        if len(fragments) != frames:  # PS3.5 A.4.2: each RLE frame is one fragment
+            raise RejectedFile(f"RLE PixelData holds {len(fragments)} fragments for {frames} frame(s); each frame "
+                               "must be one fragment (PS3.5 A.4.2): fragments that belong to no frame")
+        return
+    cleaned, changed = [], False
+    for frame, (first, last) in enumerate(ranges, 1):
+        data = b"".join(fragments[first:last])
+        check = functools.partial(_check_codestream_size, first, rows=rows, columns=columns, samples=samples)
+        if data.startswith(b"\xff\xd8"):
+            parts, end = _clean_jpeg(data, frame, check)
+        elif data.startswith((_JP2_SIGNATURE, b"\xff\x4f\xff\x51")):
+            parts, end = _clean_j2k(data, frame, check)
+        else:
+            raise RejectedFile(f"frame {frame} of the encapsulated PixelData starts with neither a JPEG SOI nor a "
+                               f"JPEG 2000 SOC marker (first bytes {data[:4].hex(' ')}), as {syntax.name} requires")
+        if data[end:].strip(b"\x00\xff"):  # padding to an even length is a 0x00 or 0xFF byte
+            raise RejectedFile(f"{len(data) - end} bytes follow the end of frame {frame}'s codestream (its "
+                               "end marker) in the encapsulated PixelData: data or fragments that belong to no "
+                               "frame; re-export the file")
+        codestream = b"".join(parts)
+        changed |= codestream != data[:end]
+        cleaned.append(codestream)
+    if changed:
+        elem.value = encapsulate(cleaned, has_bot=frames > 1)
+        for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # they described the old fragments
+            ds.pop(keyword, None)
 
 
-def _codestream_size(fragment: bytes) -> tuple[int, int] | None:
-    """(rows, columns) declared by a JPEG, JPEG-LS or JPEG 2000 codestream header, if it starts one.
+def _frame_ranges(ds: Dataset, bot: bytes, fragments: list[bytes], frames: int) -> list[tuple[int, int]]:
+    """The fragments of each frame, as (first, end) indices, from the offset tables or the codestreams' ends.
 
-    JPEG: the SOF segment (ITU-T T.81 B.2.2); JPEG-LS: SOF55 (T.87); JPEG 2000: the SIZ segment
-    (T.800 A.5.1), possibly inside a JP2 box. Continuation fragments cannot begin with these markers.
+    Offsets must start at 0, increase, and each point at the start of a fragment (PS3.5 A.4); without a
+    table, one frame has every fragment, as many fragments as frames are one each, and otherwise a frame
+    ends with the fragment that ends with an end-of-image marker (what pydicom's decoders assume too).
+    """
+    starts = [0]  # item offsets from the first fragment's Item tag, as the tables count them
+    for fragment in fragments:
+        starts.append(starts[-1] + 8 + len(fragment))
+    if "ExtendedOffsetTable" in ds:
+        table, entry, where = bytes(ds.ExtendedOffsetTable or b""), 8, "Extended Offset Table (7FE0,0001)"
+    else:
+        table, entry, where = bot, 4, "Basic Offset Table (the first item of PixelData)"
+    if table:
+        if len(table) != entry * frames:
+            raise RejectedFile(f"the {where} is {len(table)} bytes, not {entry} per frame for NumberOfFrames "
+                               f"{frames}: it does not describe the fragments; re-export the file")
+        offsets = list(struct.unpack(f"<{frames}{'Q' if entry == 8 else 'L'}", table))
+        if offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
+            raise RejectedFile(f"the {where} offsets {offsets[:8]} do not start at 0 and increase: it does not "
+                               "describe the fragments; re-export the file")
+        index = {offset: i for i, offset in enumerate(starts[:-1])}
+        for frame, offset in enumerate(offsets, 1):
+            if offset not in index:
+                where_to = (f"past the end of the fragments ({starts[-1]} bytes)" if offset >= starts[-1] else
+                            "inside a fragment, not at the start of one")
+                raise RejectedFile(f"the {where} offset of frame {frame} ({offset}) points {where_to}: it does "
+                                   "not describe the fragments; re-export the file")
+        bounds = [index[offset] for offset in offsets] + [len(fragments)]
+        ranges = list(zip(bounds, bounds[1:]))
+        if entry == 8:
+            lengths = bytes(ds.get("ExtendedOffsetTableLengths") or b"")
+            sizes = [sum(map(len, fragments[first:last])) for first, last in ranges]
+            if len(lengths) != 8 * frames or list(struct.unpack(f"<{frames}Q", lengths)) != sizes:
+                raise RejectedFile(f"the Extended Offset Table Lengths (7FE0,0002) do not give the {frames} frame "
+                                   f"lengths the fragments have ({sizes[:8]}); re-export the file")
+        return ranges
+    if frames == 1:
+        return [(0, len(fragments))]
+    if len(fragments) == frames:
+        return [(i, i + 1) for i in range(frames)]
+    ends = [i + 1 for i, fragment in enumerate(fragments) if fragment.rstrip(b"\x00").endswith(b"\xff\xd9")]
+    if not ends or ends[-1] != len(fragments):
+        ends.append(len(fragments))
+    return list(zip([0, *ends], ends))
+
+
+def _check_codestream_size(fragment: int, size: tuple[int, int, int], *, rows: int, columns: int,
+                           samples: int) -> None:
+    """Compare a codestream header's (rows, columns, components) with the Image Pixel module's.
+
+    Decoders allocate what the codestream declares, so a frame may declare neither more pixels nor more
+    components than the header (which passed the decode budget); 0 rows is a JPEG height that a DNL
+    segment was to give, and did not.
+    """
+    declared_rows, declared_columns, components = size
+    if declared_rows not in (0, rows) or declared_columns != columns:
+        raise RejectedFile(f"codestream size mismatch: fragment {fragment} declares {declared_rows} x "
+                           f"{declared_columns} pixels but Rows x Columns is {rows} x {columns}")
+    if components != samples:
+        raise RejectedFile(f"codestream size mismatch: fragment {fragment} declares {components} components but "
+                           f"SamplesPerPixel is {samples}")
+
+
+def _clean_jpeg(data: bytes, frame: int, check: Callable[[tuple[int, int, int]], None]) -> tuple[list[bytes], int]:
+    """Walk a JPEG or JPEG-LS codestream (T.81 B.2, T.87 C.2) from its SOI; drop COM and APPn segments.
+
+    Args:
+        data: the frame's fragments, joined; starts with SOI.
+        frame: its number (from 1), for the reasons.
+        check: called with the (rows, columns, components) of the frame header (SOF) and of a DNL segment.
+
+    Returns:
+        The codestream without comment and application segments (in pieces), and where its EOI ends in ``data``.
+
+    Raises:
+        RejectedFile: from ``check``, for a scan before the frame header, or a codestream cut short.
+    """
+    parts, copied, pos, size = [], 0, 2, None
+    try:
+        while True:
+            segment_start = pos
+            if data[pos] != 0xFF:
+                raise RejectedFile(f"frame {frame}'s JPEG codestream has no marker at byte {pos}: corrupt data")
+            while data[pos + 1] == 0xFF:  # fill bytes before a marker (T.81 B.1.1.2)
+                pos += 1
+            marker = data[pos + 1]
+            pos += 2
+            if marker == 0xD9:  # EOI
+                break
+            if marker in _JPEG_STANDALONE:
+                continue
+            length = int.from_bytes(data[pos:pos + 2], "big")
+            end = pos + length
+            if length < 2 or end > len(data):
+                raise IndexError
+            if marker in _JPEG_SOF:
+                size = struct.unpack(">HHB", data[pos + 3:pos + 8])
+                check(size)
+            elif marker == _JPEG_DNL and size is not None:
+                check((int.from_bytes(data[pos + 2:pos + 4], "big"), *size[1:]))
+            elif marker in _JPEG_TEXT and not _changes_decoding(marker, data[pos + 2:end]):
+                parts.append(data[copied:segment_start])
+                copied = end
+            elif marker == _JPEG_SOS:
+                if size is None:
+                    raise RejectedFile(f"frame {frame}'s JPEG codestream starts a scan before its frame header "
+                                       "(SOF): its size cannot be checked before decoding")
+                end = _entropy_end(data, end)
+            pos = end
+    except (IndexError, ValueError, struct.error):
+        raise RejectedFile(f"frame {frame}'s JPEG codestream is cut short (no end-of-image marker): truncated "
+                           "or corrupt pixel data") from None
+    parts.append(data[copied:pos])
+    return parts, pos
+
+
+def _changes_decoding(marker: int, payload: bytes) -> bool:
+    """Whether an APP segment is one of :data:`_JPEG_DECODING_APP`, which are kept."""
+    return any(marker == app and len(payload) == length and payload.startswith(signature)
+               for (app, signature), length in _JPEG_DECODING_APP.items())
+
+
+def _entropy_end(data: bytes, pos: int) -> int:
+    """Where a scan's entropy-coded data ends: the next marker other than RSTn.
+
+    In JPEG a 0xFF data byte is followed by 0x00, in JPEG-LS by a byte below 0x80 (T.87 A.1); either way a
+    0xFF followed by 0x80 or more, RSTn excepted, is a marker.
+    """
+    while True:
+        pos = data.index(b"\xff", pos)
+        follower = data[pos + 1]
+        if follower >= 0x80 and follower not in _JPEG_STANDALONE:
+            return pos
+        pos += 2
+
+
+def _clean_j2k(data: bytes, frame: int, check: Callable[[tuple[int, int, int]], None]) -> tuple[list[bytes], int]:
+    """Walk a JPEG 2000 codestream (T.800 A), raw or in a JP2 file; drop its COM segments and any JP2 boxes.
+
+    Tile-parts are skipped by their length (Psot), which is corrected where a COM leaves a tile-part header;
+    the tile-part lengths (TLM) are then dropped, being optional.
+
+    Args:
+        data: the frame's fragments, joined; starts with SOC and SIZ, or with the JP2 signature box.
+        frame: its number (from 1), for the reasons.
+        check: called with the (rows, columns, components) of the SIZ segment.
+
+    Returns:
+        The raw codestream without COM segments (in pieces), and where it ends in ``data``.
+
+    Raises:
+        RejectedFile: from ``check``, for a codestream cut short, or a JP2 file without its "jp2c" box.
     """
     try:
-        if fragment.startswith(b"\xff\xd8"):
-            offset = 2
-            while offset + 9 <= len(fragment) and fragment[offset] == 0xFF:
-                marker, length = fragment[offset + 1], struct.unpack(">H", fragment[offset + 2:offset + 4])[0]
-                if marker in _JPEG_SOF:
-                    return struct.unpack(">HH", fragment[offset + 5:offset + 9])
-                offset += 2 + length
-            return None
-        start = fragment.find(b"jp2c") + 4 if fragment.startswith(b"\x00\x00\x00\x0cjP  ") else 0
-        if fragment[start:start + 4] == b"\xff\x4f\xff\x51":
-            x, y, x0, y0 = struct.unpack(">IIII", fragment[start + 8:start + 24])
-            return y - y0, x - x0
-    except struct.error:  # a header cut short; the decoder will say so
-        return None
-    return None
+        start, limit = 0, len(data)
+        if data.startswith(_JP2_SIGNATURE):  # DICOM wants the raw codestream (PS3.5 A.4.4); keep only that
+            while data[start + 4:start + 8] != b"jp2c":
+                box = int.from_bytes(data[start:start + 4], "big")
+                if box == 1:
+                    box = int.from_bytes(data[start + 8:start + 16], "big")
+                if box < 8:
+                    raise RejectedFile(f"frame {frame}'s JP2 file has no codestream box (jp2c) before its end")
+                start += box
+            box, header = int.from_bytes(data[start:start + 4], "big"), 8
+            if box == 1:
+                box, header = int.from_bytes(data[start + 8:start + 16], "big"), 16
+            limit, start = (start + box if box else limit), start + header
+        if data[start:start + 4] != b"\xff\x4f\xff\x51":
+            raise RejectedFile(f"frame {frame}'s JPEG 2000 codestream does not start with SOC and SIZ")
+        x, y, x0, y0 = struct.unpack(">IIII", data[start + 8:start + 24])
+        check((y - y0, x - x0, int.from_bytes(data[start + 40:start + 42], "big")))
+        parts, copied, pos, tlm, shortened = [], start, start + 2, None, False
+        while True:
+            if data[pos] != 0xFF:
+                raise RejectedFile(f"frame {frame}'s JPEG 2000 codestream has no marker at byte {pos}: corrupt data")
+            marker = data[pos + 1]
+            if marker == _J2K_EOC:
+                pos += 2
+                break
+            end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == _J2K_SOT:
+                psot = int.from_bytes(data[pos + 6:pos + 10], "big")
+                if psot:
+                    tile_end = pos + psot
+                else:  # the last tile-part, up to the EOC that ends the codestream
+                    tile_end = len(data[:limit].rstrip(b"\x00\xff")) - 2  # padding stops at EOC's 0xD9
+                if tile_end < end + 2 or tile_end > limit:
+                    raise IndexError
+                header, removed, cursor = [data[pos:end]], 0, end
+                while data[cursor:cursor + 2] != b"\xff\x93":  # SOD ends the tile-part header
+                    segment_end = cursor + 2 + int.from_bytes(data[cursor + 2:cursor + 4], "big")
+                    if data[cursor] != 0xFF or segment_end > tile_end:
+                        raise IndexError
+                    if data[cursor + 1] == _J2K_COM:
+                        removed += segment_end - cursor
+                    else:
+                        header.append(data[cursor:segment_end])
+                    cursor = segment_end
+                if removed:
+                    shortened = True
+                    if psot:
+                        header[0] = header[0][:6] + (psot - removed).to_bytes(4, "big") + header[0][10:]
+                parts += (data[copied:pos], *header, data[cursor:tile_end])
+                copied = pos = tile_end
+                continue
+            if end > limit:
+                raise IndexError
+            if marker in (_J2K_COM, _J2K_TLM):
+                parts.append(data[copied:pos])
+                if marker == _J2K_TLM:
+                    tlm = len(parts)
+                    parts.append(data[pos:end])
+                copied = end
+            pos = end
+    except (IndexError, ValueError, struct.error):
+        raise RejectedFile(f"frame {frame}'s JPEG 2000 codestream is cut short (no end-of-codestream marker): "
+                           "truncated or corrupt pixel data") from None
+    if shortened and tlm is not None:
+        parts[tlm] = b""  # its tile-part lengths no longer hold
+    parts.append(data[copied:pos])
+    return parts, limit if start else pos
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -486,8 +814,7 @@ def decode(ds: Dataset) -> np.ndarray:
         # as_rgb=False: YBR_FULL(_422) comes back as decoded, and its Y is already the luma
         stored, properties = get_decoder(syntax).as_array(ds, allow_excess_frames=False, as_rgb=False)
     except Exception as exc:  # decoder plugins raise their own types
-        raise RejectedFile(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: "
-                           f"{_one_line(exc)}") from exc
+        raise RejectedFile(f"cannot decode pixel data ({syntax.name}): {decode_failure(ds, exc)}") from exc
     frames, samples = n_frames(ds), _int(ds, "SamplesPerPixel", 1)
     declared = ((frames,) if frames > 1 else ()) + (ds.Rows, ds.Columns) + ((samples,) if samples > 1 else ())
     if stored.shape != declared:
@@ -515,6 +842,36 @@ def decode(ds: Dataset) -> np.ndarray:
     if not np.isfinite(values).all():
         raise RejectedFile("pixel values are not finite after the modality LUT (check RescaleSlope/Intercept)")
     return values[0] if frames == 1 else values
+
+
+def decode_failure(ds: Dataset, exc: BaseException) -> str:
+    """What a pixel decoder's exception means, for a reason that also names the transfer syntax.
+
+    Decoders say "Unable to allocate output buffer" without the size, and pydicom's fragment iterators
+    end with an empty ``StopIteration`` when the offset table or the fragments run out.
+
+    Args:
+        ds: the dataset being decoded.
+        exc: what the decoder raised.
+
+    Returns:
+        ``"<exception type>: <what happened>"`` on one line; for a MemoryError, the declared size.
+    """
+    if isinstance(exc, MemoryError):
+        rows, columns, frames = ds.get("Rows"), ds.get("Columns"), ds.get("NumberOfFrames") or 1
+        samples, allocated = ds.get("SamplesPerPixel") or 1, ds.get("BitsAllocated") or 8
+        try:
+            size = _human(int(rows) * int(columns) * int(frames) * int(samples) * math.ceil(int(allocated) / 8))
+        except (TypeError, ValueError):
+            size = "an unknown size"
+        return (f"MemoryError: the decoder cannot allocate the decoded image, Rows {rows} x Columns {columns} x "
+                f"{frames} frame(s) x {samples} sample(s) x {allocated} bits = {size} declared; the worker's memory "
+                "(ingest.worker_memory_mb) is too small for it: raise it, or lower ingest.max_decoded_mib to refuse "
+                "such images before decoding")
+    if isinstance(exc, StopIteration):
+        return (f"StopIteration: the encapsulated fragments ran out before the {ds.get('NumberOfFrames') or 1} "
+                "frame(s) declared: the Basic Offset Table or the fragments do not match NumberOfFrames")
+    return f"{type(exc).__name__}: {_one_line(exc) or 'no message'}"
 
 
 def _palette_rgb(stored: np.ndarray, ds: Dataset, syntax: UID) -> np.ndarray:

@@ -9,11 +9,14 @@ ingestion run or take the machine down, so every input is handled in a worker pr
   caller's; a replacement for a worker that a hostile file killed starts in milliseconds;
 * has an address-space limit (``RLIMIT_AS``, ``memory_mb`` above what the fresh interpreter maps): an
   allocation past it raises ``MemoryError`` in the worker instead of waking the kernel's OOM killer;
-* has a time limit per input: a worker that does not answer in time is killed.
+* has a time limit per input: a worker that does not answer in time is killed;
+* is replaced after a ``MemoryError``: what the failed input allocated may stay mapped (a heap the
+  allocator does not give back), and every later input the worker took would fail for lack of memory.
 
-When a worker dies or hangs, the inputs it might have been working on are re-run one at a time in a
-fresh single-worker pool, so exactly the guilty input is reported through ``on_failure`` and every
-other input still gets its normal result.
+When a worker dies, hangs or runs out of memory, the inputs it might have been working on are re-run one at
+a time in a fresh single-worker pool, so exactly the guilty input is reported through ``on_failure`` and every
+other input still gets its normal result. :func:`is_resource_failure` tells those reasons from an error the
+input itself raised.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import TypeVar
 J = TypeVar("J")
 R = TypeVar("R")
 
+_TIMED_OUT, _WORKER_DIED, _NO_MEMORY = "timed out: ", "the worker process died ", "out of memory: "
 _LOOKAHEAD = 32  # inputs queued per worker: a slow input at the head of the line must not leave workers idle
 _BATCH = 4  # inputs per submission at most
 
@@ -42,6 +46,23 @@ _BATCH = 4  # inputs per submission at most
 def available_cpus() -> int:
     """CPUs this process may run on (respects affinity masks set by cluster schedulers)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def is_resource_failure(reason: str) -> bool:
+    """Whether an ``on_failure`` reason is a resource limit (timed out, worker killed, out of memory), which a
+    later run on a less busy machine or with higher limits may get past, rather than an error of the input.
+
+    Args:
+        reason: as given to ``on_failure``.
+
+    Returns:
+        True for a timeout, a worker that died and a worker out of memory.
+
+    Examples:
+        >>> is_resource_failure("out of memory: needs more than ingest.worker_memory_mb=64 MiB")
+        True
+    """
+    return reason.startswith((_TIMED_OUT, _WORKER_DIED, _NO_MEMORY))
 
 
 def _limit_address_space(memory_mb: int) -> None:
@@ -159,7 +180,7 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 inflight.popleft()
                 _kill_workers(pool)
                 if len(batch) == 1:
-                    yield on_failure(batch[0], f"timed out: parsing took longer than {timeout_s:g} s "
+                    yield on_failure(batch[0], f"{_TIMED_OUT}parsing took longer than {timeout_s:g} s "
                                                "(raise ingest.file_timeout_s if the file is legitimately large)")
                 else:
                     suspects.extend(batch)  # one of them hangs, or together they ran long: each alone decides
@@ -167,8 +188,8 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 return
             except BrokenProcessPool:
                 if isolated:
-                    yield on_failure(batch[0], "the worker process died while parsing this file (out of memory "
-                                               f"beyond ingest.worker_memory_mb={memory_mb}, or a crash in a decoder)")
+                    yield on_failure(batch[0], f"{_WORKER_DIED}while parsing this file (out of memory beyond "
+                                               f"ingest.worker_memory_mb={memory_mb}, or a crash in a decoder)")
                     inflight.popleft()
                 else:
                     suspects.extend(j for b, _ in inflight for j in b)
@@ -177,13 +198,20 @@ def _run_pool(fn: Callable[[J], R], queue: deque[J], workers: int, memory_mb: in
                 outcomes = [(_ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
             head_deadline = None
             inflight.popleft()
-            for job, (status, value) in zip(batch, outcomes):
-                if status == _DONE:
-                    yield value
-                elif status == _OUT_OF_MEMORY:
-                    yield on_failure(job, f"out of memory: needs more than ingest.worker_memory_mb={memory_mb} MiB")
-                else:
-                    yield on_failure(job, f"unexpected error: {value}")
+            for i, (job, (status, value)) in enumerate(zip(batch, outcomes)):
+                if status == _OUT_OF_MEMORY:
+                    # The worker that ran out is poisoned, and which one it was is unknown here: replace them all.
+                    # The jobs after it, in its batch (never run) and in flight (maybe run by it), go again.
+                    _kill_workers(pool)
+                    queue.extendleft(reversed([*batch[i + 1:], *(j for b, _ in inflight for j in b)]))
+                    if isolated:
+                        detail = f" (MemoryError: {value})" if value else ""
+                        yield on_failure(job, f"{_NO_MEMORY}needs more than ingest.worker_memory_mb={memory_mb} MiB"
+                                              f"{detail}")
+                    else:
+                        suspects.append(job)  # alone in a fresh worker, it shows whether it needs that much itself
+                    return
+                yield value if status == _DONE else on_failure(job, f"unexpected error: {value}")
     finally:
         if inflight:
             _kill_workers(pool)
@@ -194,13 +222,15 @@ _DONE, _OUT_OF_MEMORY, _ERROR = "done", "out of memory", "error"
 
 
 def _run_batch(fn: Callable[[J], R], jobs: tuple[J, ...]) -> list[tuple[str, object]]:
-    """In a worker: ``fn`` over a few jobs; an exception escaping ``fn`` fails its own job only."""
+    """In a worker: ``fn`` over a few jobs; an exception escaping ``fn`` fails its own job only, and a
+    ``MemoryError`` ends the batch (the jobs left are not run: this worker is to be replaced)."""
     outcomes: list[tuple[str, object]] = []
     for job in jobs:
         try:
             outcomes.append((_DONE, fn(job)))
-        except MemoryError:
-            outcomes.append((_OUT_OF_MEMORY, None))
+        except MemoryError as exc:
+            outcomes.append((_OUT_OF_MEMORY, str(exc)))  # e.g. which decoder, how much it asked for
+            break
         except Exception as exc:  # fn's own escape hatch: the reason travels back as text (exceptions may not pickle)
             outcomes.append((_ERROR, f"{type(exc).__name__}: {exc}"))
     return outcomes

@@ -35,7 +35,7 @@ from medtl.ingest.worker import FileJob, FileResult
 from medtl.workspace import Workspace, atomic_write
 
 SHARDS_DIR = ".shards"
-_PLAN_VERSION = 2  # 2: manifest rows gained bits_stored, photometric, view_position, body_part
+_PLAN_VERSION = 3  # 2: manifest rows gained bits_stored, photometric, view_position, body_part; 3: skipped entries
 
 
 def shards_dir(ws: Workspace) -> Path:
@@ -80,6 +80,7 @@ def plan_shards(cfg: IngestConfig, ws: Workspace, n_shards: int) -> dict:
         "ingest_dir": str(ws.ingest.resolve()),
         "input_dir": str(prepared.input_dir.resolve()),
         "files": [[rel, str(path.resolve())] for rel, path in prepared.files],
+        "skipped": [list(item) for item in prepared.skipped],
         "labels": prepared.labels,
         "already": [list(item) for item in prepared.plan.already],
         "duplicates": prepared.plan.duplicates,
@@ -87,8 +88,9 @@ def plan_shards(cfg: IngestConfig, ws: Workspace, n_shards: int) -> dict:
         "shards": [list(b) for b in bounds],
     }
     _write_json(folder / "plan.json", plan)
-    return {"shards": [end - start for start, end in bounds], "files_in": len(prepared.files),
-            "to_parse": len(jobs), "plan": str(folder / "plan.json")}
+    return {"shards": [end - start for start, end in bounds],
+            "files_in": len(prepared.files) + len(prepared.skipped), "to_parse": len(jobs),
+            "plan": str(folder / "plan.json")}
 
 
 def ingest_shard(cfg: IngestConfig, ws: Workspace, shard: int) -> dict:
@@ -155,6 +157,7 @@ def merge_shards(cfg: IngestConfig, ws: Workspace) -> IngestSummary:
     prepared = PreparedIngest(
         input_dir=Path(plan["input_dir"]),
         files=[(rel, Path(path)) for rel, path in plan["files"]],
+        skipped=[(rel, reason) for rel, reason in plan["skipped"]],
         labels={rel: int(label) for rel, label in plan["labels"].items()},
         settings=worker_settings(cfg, ingest_dir),
         ledger=pd.read_parquet(folder / "ledger.parquet").astype(LEDGER_COLUMNS),

@@ -42,10 +42,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtl.ingest import fastparse
-from medtl.ingest.reader import RejectedFile, effective_vr
+from medtl.ingest.reader import RejectedFile, decode_failure, effective_vr
 
 with warnings.catch_warnings():
     # nibabel.nicom warns that its DICOM *readers* are experimental; only the CSA header parser is used here
@@ -768,8 +768,9 @@ def decode_stored(ds: Dataset, name: str = "the file", where: str = "series") ->
         if array is None:
             array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise their own types
-        raise RejectedSeries(f"{where}: cannot decode the pixel data of {name}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        syntax = _value(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID", ExplicitVRLittleEndian)
+        raise RejectedSeries(f"{where}: cannot decode the pixel data of {name} ({UID(syntax).name}): "
+                             f"{decode_failure(ds, exc)}") from exc
     frames = _int(ds, "NumberOfFrames") or 1
     rows, columns = _value(ds, "Rows"), _value(ds, "Columns")
     expected = (rows, columns) if frames == 1 else (frames, rows, columns)

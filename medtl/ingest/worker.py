@@ -76,7 +76,7 @@ class FileResult:
 
 
 def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
-    """Read, validate, decode, preprocess and de-identify one file; never raises.
+    """Read, validate, decode, preprocess and de-identify one file.
 
     Args:
         job: the file.
@@ -85,6 +85,10 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
     Returns:
         A result with either ``reason`` (quarantine) or the array, the de-identified DICOM bytes
         and the manifest fields.
+
+    Raises:
+        MemoryError: when parsing ran out of memory (also when a library wrapped the MemoryError in another
+            error): this worker's memory may stay used, so the sandbox must replace it. Nothing else escapes.
     """
     try:
         ds = read_dataset(job.path, max_bytes=settings.max_decoded_bytes)
@@ -111,9 +115,12 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
                     pixels = decode_stored(ds, job.relpath)
                 except RejectedSeries as exc:
                     raise RejectedFile(str(exc)) from exc
-        site = site_label(str(ds.get(settings.site_attribute, "") or ""), settings.site_aliases, settings.key)
+        # Without the site attribute the first folder names the site: a folder name is as identifying as the
+        # attribute (often the hospital's name), so it goes through the same aliases or pseudonym.
+        raw_site = str(ds.get(settings.site_attribute, "") or "").strip()
+        raw_site = raw_site or (job.relpath.split("/")[0] if "/" in job.relpath else "")
         record = {
-            "hospital": site or (job.relpath.split("/")[0] if "/" in job.relpath else "unknown"),
+            "hospital": site_label(raw_site, settings.site_aliases, settings.key) or "unknown",
             "vendor": str(ds.get("Manufacturer", "") or ""),
             "model": str(ds.get("ManufacturerModelName", "") or ""),
             "modality": str(ds.get("Modality", "") or ""),
@@ -143,10 +150,23 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
                     break
                 del outputs[final]
         return FileResult(job, record=record, headers=headers, staged=outputs)
-    except RejectedFile as exc:
-        return FileResult(job, reason=str(exc))
     except Exception as exc:  # one malformed file must not stop the run; the reason keeps the evidence
+        if isinstance(exc, MemoryError):
+            raise
+        if _out_of_memory(exc):
+            raise MemoryError(f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, RejectedFile):
+            return FileResult(job, reason=str(exc))
         return FileResult(job, reason=f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` was raised because of a MemoryError (a decoder may wrap it in its own error)."""
+    while exc is not None:
+        if isinstance(exc, MemoryError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _claim(staged: Path, final: Path) -> bool:
@@ -168,7 +188,8 @@ def is_dicomdir(ds: Dataset) -> bool:
 
 
 def dicomdir_reason(ds: Dataset) -> str:
-    """The quarantine reason of a DICOMDIR, naming file IDs that would escape the folder.
+    """The quarantine reason of a DICOMDIR: how many files it references and how many of those would escape the
+    folder, never the file IDs themselves (they are paths of the source system, often named after patients).
 
     Ingestion walks the folder itself and never follows a DICOMDIR's references, so the files it lists are
     ingested (or not) as ordinary files, and a file ID like ``../../etc/passwd`` is never opened.
@@ -180,11 +201,10 @@ def dicomdir_reason(ds: Dataset) -> str:
             parts = [value] if isinstance(value, str) else list(value)
             file_ids.append("/".join(str(p) for p in parts))
     escaping = [f for f in file_ids if f.startswith("/") or ".." in f.replace("\\", "/").split("/")]
-    reason = (f"DICOMDIR (media directory index, no image): its {len(file_ids)} referenced files are ingested as "
-              "ordinary files of the folder")
+    reason = (f"DICOMDIR (media directory index, no image; DICOMDIRs are not ingested): its {len(file_ids)} "
+              "referenced files are ingested as ordinary files of the folder")
     if escaping:
-        reason += (f"; {len(escaping)} file IDs point outside the folder and were never opened, e.g. "
-                   f"{escaping[0]!r}")
+        reason += f"; {len(escaping)} of its file IDs point outside the folder and were never opened"
     return reason
 
 
@@ -224,7 +244,7 @@ def _iso_date(value: str) -> str:
 def acquisition_fields(ds: Dataset) -> dict[str, int | str]:
     """The manifest's acquisition fields of one image: bit depth, photometric interpretation, view, body part.
 
-    Read from the *de-identified* dataset: the basic profile keeps all four (PS3.15 Table E.1-1 lists none of
+    Read from the *de-identified* dataset: the allow-list keeps all four (PS3.15 Table E.1-1 lists none of
     them), and reading what survives de-identification guarantees that no attribute the profile removes ever
     reaches the manifest, whatever options are configured.
 
