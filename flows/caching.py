@@ -34,7 +34,8 @@ from prefect.tasks import Task
 
 import medtl
 from medtl.config import PipelineConfig
-from medtl.ingest.folder import discover, file_sha256
+from medtl.ingest.folder import file_sha256, scan_inputs
+from medtl.ingest.manifest import load_ledger
 from medtl.workspace import Workspace
 
 _MANIFEST = "ingest/manifest.parquet"
@@ -171,13 +172,17 @@ def outputs_present(stage: str, config: PipelineConfig) -> bool:
         config: the run's config.
 
     Returns:
-        False when any declared output is missing (an empty folder counts as missing).
+        False when any declared output is missing (an empty folder counts as missing), and for ingestion while its
+        ledger holds files to retry (a resource limit stopped them: the cached run did not finish them).
     """
-    root = Workspace(config.workdir).root
+    ws = Workspace(config.workdir)
+    root = ws.root
     for rel in STAGES[stage].outputs:
         path = root / rel.format(arch=config.pretrain.arch)
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             return False
+    if stage == "ingest":
+        return not (load_ledger(ws)["status"] == "retry").any()
     return True
 
 
@@ -227,11 +232,13 @@ def _ingest_inputs(config: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     cfg = config.ingest
     folder = Path(cfg.input_dir) if cfg.input_dir is not None else ws.dicom
     labels = Path(cfg.labels_csv) if cfg.labels_csv is not None else folder / "labels.csv"
-    listing = []
-    if folder.is_dir():  # the files ingestion itself would see
-        for rel, path in discover(folder, skip=[labels, ws.ingest]):
+    listing: list[tuple] = []
+    if folder.is_dir():  # every entry ingestion itself would account for: its files and what it skips, with why
+        files, skipped = scan_inputs(folder, skip=[labels, ws.ingest])
+        for rel, path in files:
             stat = path.stat()
             listing.append((rel, stat.st_size, stat.st_mtime_ns))
+        listing += skipped
     with warnings.catch_warnings():  # ingestion itself warns about a missing key, once
         warnings.simplefilter("ignore")
         key = resolve_secret(cfg.deid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from flows.artifacts import ADAPT_KEY, FINETUNE_KEY, SELECT_KEY, SITES_KEY
 from medtl import deploy as medtl_deploy
 from medtl import stages as medtl_stages
 from medtl.config import load_config
+from medtl.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 # every medtl function a task of the pipeline calls, by module
@@ -159,6 +161,37 @@ def test_missing_outputs_refresh_the_cache(tmp_path):
     ranking.write_text("{}")
     assert outputs_present("select", config)
     assert not outputs_present("pretrain", config)  # weights/efficientnet_lite0.ssl.safetensors is named by arch
+
+
+def test_an_ingest_with_files_to_retry_is_not_trusted_from_the_cache(tmp_path):
+    """A file a resource limit stopped (ledger status retry) must be parsed again by the next run, cache or not."""
+    from flows.caching import outputs_present
+    from medtl.ingest.manifest import LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, write_table_atomic
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", {"workdir": str(tmp_path / "run")})
+    ws = Workspace(config.workdir)
+    ws.ingest.mkdir(parents=True)
+    write_table_atomic(as_table([], MANIFEST_COLUMNS), ws.manifest)
+    row = {"path": "a.dcm", "content_hash": "0" * 64, "status": "ingested", "reason": "", "image": "x.npy"}
+    write_table_atomic(as_table([row], LEDGER_COLUMNS), ws.ingest / "ledger.parquet")
+    assert outputs_present("ingest", config)
+    retry = {**row, "path": "b.dcm", "status": "retry", "reason": "MemoryError", "image": ""}
+    write_table_atomic(as_table([row, retry], LEDGER_COLUMNS), ws.ingest / "ledger.parquet")
+    assert not outputs_present("ingest", config)
+
+
+def test_skipped_entries_are_part_of_the_ingest_cache_key(tmp_path):
+    """An entry ingestion accounts for without reading it (here a FIFO) changes what the ingest stage writes."""
+    from flows.caching import cache_key
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"not dicom")
+    config = load_config(ROOT / "configs" / "tiny.yaml",
+                         {"workdir": str(tmp_path / "run"), "ingest": {"input_dir": str(folder)}})
+    before = cache_key("ingest", "ingest", {"config": config})
+    os.mkfifo(folder / "pipe")
+    assert cache_key("ingest", "ingest", {"config": config}) != before
 
 
 def test_cache_key_follows_config_and_input_content(tmp_path):

@@ -95,7 +95,7 @@ def make_context() -> dict:
             {"hospital": "hospital_c", "role": "target", "vendor": "Philips Medical Systems",
              "model": "DigitalDiagnost", "n_images": 480, "n_patients": 395, "n_labeled": 160, "prevalence": None},
         ],
-        "ingest": {"files_in": 1443, "ingested": 1440, "quarantined": 3, "duplicates": 0,
+        "ingest": {"files_in": 1443, "ingested": 1440, "quarantined": 3, "duplicates": 0, "skipped": 0, "to_retry": 0,
                    "quarantine_reasons": {"not a DICOM file": 1, "truncated pixel data": 1, "no pixel data": 1}},
         "backbone_ranking": [
             {"backbone": "efficientnet_lite0.imagenet", "logme": -0.412, "linear_probe_auc": 0.861, "rank": 2,

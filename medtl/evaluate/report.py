@@ -81,7 +81,9 @@ REQUIRED_CONTEXT: dict[str, type | tuple[type, ...]] = {
     "provenance": dict,
 }
 COHORT_KEYS = ("hospital", "role", "vendor", "model", "n_images", "n_patients", "n_labeled", "prevalence")
-INGEST_KEYS = ("files_in", "ingested", "quarantined", "duplicates")
+INGEST_KEYS = ("files_in", "ingested", "quarantined", "duplicates", "skipped", "to_retry")
+"""``files_in`` and the outcomes that account for it (skipped: not read, with a reason; to_retry: a resource limit
+stopped the file, the next run parses it again)."""
 RANKING_KEYS = ("backbone", "logme", "linear_probe_auc", "rank", "chosen")
 ADAPTATION_KEYS = ("ran", "target_hospital", "methods")
 DEPLOYED_KEYS = ("origin", "calibration", "label_shift")
@@ -768,6 +770,11 @@ def _shortcut_section(audit: dict | None) -> dict:
     return {"available": True, **audit}
 
 
+def _ingest_accounted(ingest: dict) -> int:
+    """The input entries the ingestion outcomes account for (should equal ``files_in``)."""
+    return sum(ingest[key] for key in INGEST_KEYS[1:])
+
+
 def _expected_figure(row: dict) -> str:
     """One label-free estimate for the summary: its AUC, or its accuracy when it gives no AUC (ATC out of reach)."""
     name = _ESTIMATE_NAMES[row["method"]]
@@ -1099,12 +1106,10 @@ def _warnings(metrics: dict, ctx: dict) -> list[str]:
                            "(adapt.label_shift corrects the probabilities at the target).")
 
     ingest = ctx["ingest"]
-    # skipped entries (links out, FIFOs, unreadable) and files to retry (resource limits) balance the line too
-    accounted = (ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"] + ingest.get("skipped", 0)
-                 + ingest.get("to_retry", 0))
+    accounted = _ingest_accounted(ingest)
     if accounted != ingest["files_in"]:
-        out.append(f"Ingestion does not balance: {ingest['files_in']} files in, but ingested + quarantined + "
-                   f"duplicates + skipped + to retry = {accounted}.")
+        out.append(f"Ingestion does not balance: {ingest['files_in']} files in, but "
+                   f"{' + '.join(k.replace('_', ' ') for k in INGEST_KEYS[1:])} = {accounted}.")
     return out
 
 
@@ -1292,7 +1297,7 @@ def _render_html(metrics: dict, ctx: dict, *, pdf: bool) -> str:
         "intended_use": metrics["intended_use"],
         "cohort": [_site_row(row) for row in metrics["data_provenance"]["sites"]],
         "ingest": {k: _fmt_value(ingest[k]) for k in INGEST_KEYS},
-        "ingest_balances": ingest["ingested"] + ingest["quarantined"] + ingest["duplicates"] == ingest["files_in"],
+        "ingest_balances": _ingest_accounted(ingest) == ingest["files_in"],
         "quarantine_reasons": sorted((ingest.get("quarantine_reasons") or {}).items(), key=lambda kv: -kv[1]),
         "provenance": _provenance_rows(metrics["data_provenance"]),
         "ranking_columns": [_COLUMN_TITLES.get(c, c.replace("_", " ").capitalize()) for c in ranking_columns],
