@@ -268,6 +268,10 @@ class PacsConfig(StrictModel):
         return self
 
 
+PhilipsScaling = Literal["precise", "display"]
+"""How 3D Philips volumes are scaled (``ingest.philips_scaling``; :func:`medtl.ingest.vendor.precise_scaling`)."""
+
+
 class IngestConfig(StrictModel):
     """Folder → de-identified, validated arrays + manifest (``medtl ingest``)."""
 
@@ -281,6 +285,10 @@ class IngestConfig(StrictModel):
         "percentile", description="percentile = robust 0.5-99.5 % window of each image, the same rule for every "
                                   "site; dicom = the header's VOI LUT / WindowCenter+Width when present (else "
                                   "percentile). See docs/decoding.md")
+    philips_scaling: PhilipsScaling = Field(
+        "precise", description="3D Philips volumes: precise = Philips' floating-point values (scale slope "
+                               "2005,100E; dcm2niix's default), display = RescaleSlope/Intercept (what a viewer "
+                               "shows). The manifest's intensity_scaling says which a volume got")
     max_decoded_mib: int = Field(768, ge=1, description="refuse files whose declared pixels would decode to more "
                                                         "than this (stored samples + float64 grey; decoding peaks "
                                                         "near 2.6x): decompression bombs. Keep worker_memory_mb "

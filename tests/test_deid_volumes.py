@@ -172,7 +172,9 @@ def test_no_planted_phi_reaches_any_output_of_a_3d_series(tmp_path: Path, monkey
     row = manifest.iloc[0]
     assert row.series_uid.startswith("2.25.") and row.hospital == "site_mr" and row.modality == "MR"
     assert (row.volume, row.image) == (f"volumes/{row.series_uid}.nii", f"arrays/{row.series_uid}.npy")
-    assert [p.name for p in (ws.ingest / "volumes").iterdir()] == [f"{row.series_uid}.nii"]
+    # the NIfTI and its BIDS sidecar (technical fields only: the scan below finds no planted marker in it)
+    assert sorted(p.name for p in (ws.ingest / "volumes").iterdir()) == [f"{row.series_uid}.json",
+                                                                       f"{row.series_uid}.nii"]
 
     # the volume is the series itself: (columns, rows reversed, slices ascending), 2 mm apart in RAS
     volume = nib.load(ws.ingest / row.volume)

@@ -24,7 +24,7 @@ from tests.test_synth import tiny_config
 
 MANIFEST_COLUMNS = ["image", "volume", "label", "patient_id", "study_uid", "series_uid", "sop_uid", "hospital", "vendor",
                     "model", "modality", "content_hash", "rows", "columns", "pixel_spacing_mm", "bits_stored",
-                    "photometric", "view_position", "body_part", "sex", "age", "study_date", "split"]
+                    "photometric", "view_position", "body_part", "intensity_scaling", "sex", "age", "study_date", "split"]
 
 
 def ingest_config(input_dir: Path, **overrides) -> IngestConfig:

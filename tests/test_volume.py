@@ -249,7 +249,7 @@ def test_write_nifti_is_atomic_and_checks_the_name(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_nifti(volume, tmp_path / "nope" / "x.nii")
     target = write_nifti(volume, tmp_path / "v.nii.gz")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".dcm")) == ["v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".dcm")) == ["v.json", "v.nii.gz"]
     image = nib.load(target)
     np.testing.assert_array_equal(np.asarray(image.dataobj), volume.data)
     assert int(image.header["sform_code"]) == int(image.header["qform_code"]) == 1

@@ -7,8 +7,11 @@ with its content hash:
 * ``ingested`` — validated, decoded to ``arrays/<sop uid>.npy`` (and, when ``deid.keep_dicom``,
   ``dicom/<sop uid>.dcm`` de-identified), one manifest row;
 * ``quarantined`` — copied to ``quarantine/<hash[:16]>_<name>`` (holes of a sparse file stay holes; a
-  long name is cut to its end) with the reason in the ledger;
-* ``duplicate`` — same bytes as a file already seen at another path;
+  long name is cut to its end) with the reason in the ledger. A byte-identical copy of a quarantined file is
+  quarantined too, with the first file's reason followed by ``(same bytes as <its path>)``, and copied to
+  ``quarantine/<hash[:16]>_<hash of its path[:8]>_<name>`` (its content hash, and maybe its name, are the first's);
+* ``duplicate`` — same bytes as an ingested file at another path (``same content as <its path>``), or, in 3D, a
+  slice whose position and pixels repeat a kept slice of its series (``same position and pixels as <its path>``);
 * ``skipped`` — not read, with the reason: a symbolic link leaving the input folder, a link loop or a
   broken link, a link to a folder, a FIFO, socket or device, a file or folder that cannot be read. Its
   "content hash" stands for the reason (nothing was read);
@@ -46,7 +49,7 @@ import numpy as np
 import pandas as pd
 from pydicom.datadict import tag_for_keyword
 
-from medtl.config import IngestConfig
+from medtl.config import IngestConfig, PhilipsScaling
 from medtl.ingest.deid import DeidOptions, check_uid_root, resolve_secret
 from medtl.ingest.manifest import (LEDGER_COLUMNS, MANIFEST_COLUMNS, as_table, ledger_path, merge_manifest,
                                    load_ledger, read_manifest, write_table_atomic)
@@ -186,11 +189,12 @@ def finish_ingest(ws: Workspace, prepared: PreparedIngest, results: Iterable[Fil
     """
     stored_ledger, stored_manifest = load_ledger(ws), read_manifest(ws)
     ledger, manifest, plan = prepared.ledger, prepared.manifest, prepared.plan
+    decided, copies = _settle_planned(plan, dict(prepared.files), ws.quarantine)
 
     def save(new_rows: list[dict], ingested_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
         # Manifest first: a kill between the two writes leaves rows the ledger does not know yet, which the next
         # run ingests again and merges away by content hash, never a ledger entry without its manifest row.
-        new_ledger = _concat(ledger, as_table(plan.duplicates + new_rows, LEDGER_COLUMNS), LEDGER_COLUMNS)
+        new_ledger = _concat(ledger, as_table(decided + new_rows, LEDGER_COLUMNS), LEDGER_COLUMNS)
         new_manifest = apply_labels(merge_manifest(manifest, as_table(ingested_rows, MANIFEST_COLUMNS)),
                                     new_ledger, prepared.labels)
         new_ledger = new_ledger.sort_values("path", kind="stable", ignore_index=True)
@@ -201,11 +205,12 @@ def finish_ingest(ws: Workspace, prepared: PreparedIngest, results: Iterable[Fil
             write_table_atomic(new_ledger, ledger_path(ws))
         return new_ledger, new_manifest
 
-    new_rows, ingested_rows = _process(results, len(plan.jobs), prepared.settings, manifest, ws, checkpoint=save)
+    new_rows, ingested_rows = _process(results, len(plan.jobs), prepared.settings, manifest, ws, copies,
+                                       checkpoint=save)
     new_ledger, new_manifest = save(new_rows, ingested_rows)
 
     counts = Counter(status for status, _ in plan.already)
-    counts.update(row["status"] for row in plan.duplicates + new_rows)
+    counts.update(row["status"] for row in decided + new_rows)
     hospital_of = dict(zip(new_manifest["image"], new_manifest["hospital"]))
     this_run = {rel for rel, _ in prepared.files}
     per_hospital = Counter(hospital_of.get(image, "unknown")  # ingested files per hospital
@@ -229,21 +234,23 @@ def worker_settings(cfg: IngestConfig, outputs: Path) -> WorkerSettings:
                           key=resolve_secret(cfg.deid), uid_root=cfg.deid.uid_root, keep_dicom=cfg.deid.keep_dicom,
                           deid=DeidOptions.from_config(cfg.deid), site_aliases=dict(cfg.deid.site_aliases),
                           pixels_cleaned_upstream=cfg.deid.pixels_cleaned_upstream, windowing=cfg.windowing,
-                          max_decoded_bytes=cfg.max_decoded_mib * 1024**2, outputs=outputs)
+                          max_decoded_bytes=cfg.max_decoded_mib * 1024**2, outputs=outputs,
+                          philips_scaling=cfg.philips_scaling)
 
 
 @dataclass
 class _Plan:
     jobs: list[FileJob] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)  # ledger rows decided without parsing (also skipped entries)
+    # ledger rows decided without parsing (also skipped entries); a copy of a file that is a job of this run is a
+    # "duplicate" row until that file's fate is known (:func:`_settle_planned`)
+    duplicates: list[dict] = field(default_factory=list)
     already: list[tuple[str, str]] = field(default_factory=list)  # (status, content hash) from earlier runs
 
 
 def _plan(files: list[tuple[str, Path]], skipped: list[tuple[str, str]], ledger: pd.DataFrame) -> _Plan:
     """Decide every entry's fate from its content hash (or why it is skipped) before doing any expensive work."""
     done = dict(zip(zip(ledger["path"], ledger["content_hash"]), ledger["status"]))
-    owner = {h: p for p, h, s in zip(ledger["path"], ledger["content_hash"], ledger["status"])
-             if s not in ("duplicate", "skipped")}
+    owner = _owners(ledger)  # content hash → (path, status, reason) of the file that stands for those bytes
     plan = _Plan()
 
     def skip(rel: str, reason: str) -> None:
@@ -268,18 +275,124 @@ def _plan(files: list[tuple[str, Path]], skipped: list[tuple[str, str]], ledger:
         if status is not None:
             plan.already.append((status, content_hash))
         elif content_hash in owner:
-            reason = f"same content as {owner[content_hash]}"
-            plan.duplicates.append(_ledger_row(rel, content_hash, "duplicate", reason))
+            first, first_status, first_reason = owner[content_hash]
+            if first_status == "quarantined":  # an earlier run's: the same bytes fail the same way
+                reason = _base_reason(first_reason) + _SAME_BYTES.format(first)
+                plan.duplicates.append(_ledger_row(rel, content_hash, "quarantined", reason))
+            else:  # ingested earlier, or a job of this run (settled with it, see _settle_planned)
+                plan.duplicates.append(_ledger_row(rel, content_hash, "duplicate", f"same content as {first}"))
         else:
-            owner[content_hash] = rel
+            owner[content_hash] = (rel, "", "")
             plan.jobs.append(FileJob(path, rel, content_hash))
     return plan
 
 
+_SAME_BYTES = " (same bytes as {})"  # ends the reason of a quarantined copy, naming the first file with its bytes
+_SAME_BYTES_PREFIX = _SAME_BYTES.split("{")[0]
+_NO_COPY = " (no copy in quarantine/: "  # starts what _quarantine adds to a reason when it cannot copy
+
+
+def _base_reason(reason: str) -> str:
+    """``reason`` without what :func:`_quarantine` added to it, so that a copy's reason is about its bytes only."""
+    head, sep, _ = reason.rpartition(_NO_COPY)
+    return head if sep else reason
+
+
+def _owners(ledger: pd.DataFrame) -> dict[str, tuple[str, str, str]]:
+    """For each content hash an earlier run ingested or quarantined, the ``(path, status, reason)`` of the file that
+    stands for those bytes: the ingested one, else the quarantined one its copies name, else the first by path.
+
+    Args:
+        ledger: the stored ledger (without ``retry`` entries).
+
+    Returns:
+        Content hash → ``(path, status, reason)``.
+    """
+    rows: dict[str, list[tuple[str, str, str]]] = {}
+    for path, content_hash, status, reason in zip(ledger["path"], ledger["content_hash"], ledger["status"],
+                                                  ledger["reason"]):
+        if status not in ("duplicate", "skipped"):
+            rows.setdefault(content_hash, []).append((path, status, reason))
+    owners = {}
+    for content_hash, candidates in rows.items():
+        # Copies quarantined by earlier runs all name their first file: naming it again keeps one "first" per content
+        # rather than a chain of copies of copies.
+        named = {_named_first(reason) for _, status, reason in candidates if status == "quarantined"}
+        owners[content_hash] = min(candidates, key=lambda row: (row[1] != "ingested", row[0] not in named, row[0]))
+    return owners
+
+
+def _named_first(reason: str) -> str:
+    """The first file a quarantined copy's ``reason`` names (see :data:`_SAME_BYTES`); "" when it names none."""
+    base = _base_reason(reason)
+    _, sep, named = base.rpartition(_SAME_BYTES_PREFIX)
+    return named[:-1] if sep and named.endswith(")") else ""
+
+
+def _settle_planned(plan: _Plan, files: Mapping[str, Path],
+                    quarantine: Path) -> tuple[list[dict], dict[str, list[FileJob]]]:
+    """Split the rows decided while planning into those final now and the copies that wait for their first file.
+
+    A quarantined row is a copy of a file an earlier run quarantined: it is copied to ``quarantine/`` here. A
+    ``duplicate`` row whose content hash is a job's (planning makes one job per new content) shares that job's
+    fate, known once its result is settled (:func:`_copy_rows`).
+
+    Args:
+        plan: the run's plan.
+        files: relative path → path of the files to read.
+        quarantine: the quarantine folder.
+
+    Returns:
+        ``(rows, copies)``: the final ledger rows, and the waiting copies by their first file's relative path.
+    """
+    first_of = {job.content_hash: job.relpath for job in plan.jobs}
+    rows: list[dict] = []
+    copies: dict[str, list[FileJob]] = {}
+    for row in plan.duplicates:
+        rel, content_hash = row["path"], row["content_hash"]
+        if row["status"] == "duplicate" and content_hash in first_of:
+            copies.setdefault(first_of[content_hash], []).append(FileJob(files[rel], rel, content_hash))
+        elif row["status"] == "quarantined":
+            reason = row["reason"] + _quarantine(FileJob(files[rel], rel, content_hash), quarantine, copy=True)
+            logger.warning("quarantined %s: %s", rel, reason)
+            rows.append({**row, "reason": reason})
+        else:
+            rows.append(row)
+    return rows, copies
+
+
+def _copy_rows(first: dict, first_reason: str, copies: Iterable[FileJob], quarantine: Path) -> list[dict]:
+    """Ledger rows of byte-identical copies of a file of this run, which share its fate.
+
+    Args:
+        first: the first file's ledger row.
+        first_reason: its reason without what quarantining it added.
+        copies: the other files with its content hash.
+        quarantine: the quarantine folder.
+
+    Returns:
+        One row per copy: a ``duplicate`` naming the first file when that was ingested (or dropped as a repeated 3D
+        slice); else the first file's status (``quarantined``, copied to ``quarantine/``, or ``retry``) with its
+        reason, noting the first file.
+    """
+    rows = []
+    for copy in copies:
+        if first["status"] in ("ingested", "duplicate"):
+            rows.append(_ledger_row(copy.relpath, copy.content_hash, "duplicate", f"same content as {first['path']}"))
+            continue
+        reason = first_reason + _SAME_BYTES.format(first["path"])
+        if first["status"] == "quarantined":
+            reason += _quarantine(copy, quarantine, copy=True)
+            logger.warning("quarantined %s: %s", copy.relpath, reason)
+        rows.append(_ledger_row(copy.relpath, copy.content_hash, first["status"], reason))
+    return rows
+
+
 def _process(results: Iterable[FileResult], n_jobs: int, settings: WorkerSettings, manifest: pd.DataFrame,
-             ws: Workspace, checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
-    """Ingest or quarantine each job from its worker result (in input order); returns its ledger rows and the new
-    manifest rows.
+             ws: Workspace, copies: Mapping[str, list[FileJob]],
+             checkpoint: Callable[[list[dict], list[dict]], object]) -> tuple[list[dict], list[dict]]:
+    """Ingest or quarantine each job from its worker result (in input order); returns its ledger rows (and its
+    byte-identical copies', from ``copies``: first file's relative path → copies) and the new manifest rows.
 
     ``checkpoint(ledger_rows, manifest_rows)`` is called every :data:`CHECKPOINT_SECONDS` so that a run
     that is killed loses at most that much work.
@@ -310,13 +423,14 @@ def _process(results: Iterable[FileResult], n_jobs: int, settings: WorkerSetting
             sop_owner[sop] = job.content_hash
             manifest_rows.append(_store(result, ws))
             ledger_rows.append(_ledger_row(job.relpath, job.content_hash, "ingested", "", manifest_rows[-1]["image"]))
+        ledger_rows += _copy_rows(ledger_rows[-1], result.reason, copies.get(job.relpath, ()), ws.quarantine)
         if i % max(1, n_jobs // 10) == 0 or i == n_jobs:
             logger.info("processed %d/%d new files", i, n_jobs)
         if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
             checkpoint(ledger_rows, manifest_rows)
             last_checkpoint = time.monotonic()
     if slices:
-        _process_series(slices, settings, ws, ledger_rows, manifest_rows, checkpoint)
+        _process_series(slices, settings, ws, copies, ledger_rows, manifest_rows, checkpoint)
     shutil.rmtree(_staging(ws), ignore_errors=True)
     return ledger_rows, manifest_rows
 
@@ -333,14 +447,15 @@ def _move_staged(result: FileResult, ws: Workspace) -> FileResult:
     return result
 
 
-def assemble_series(group: SeriesGroup, image_size: int,
-                    decoded: Mapping[Path, np.ndarray]) -> tuple[Volume, np.ndarray]:
+def assemble_series(group: SeriesGroup, image_size: int, decoded: Mapping[Path, np.ndarray],
+                    philips_scaling: PhilipsScaling = "precise") -> tuple[Volume, np.ndarray]:
     """Assemble one series into its exact volume and its model-ready array.
 
     Args:
         group: slices of one series (headers without their datasets).
         image_size: side of the stored cubic array.
         decoded: each file's stored pixels, decoded in the sandbox.
+        philips_scaling: ``ingest.philips_scaling`` (:func:`medtl.ingest.volume.assemble`).
 
     Returns:
         The volume and its ``(1, S, S, S)`` float32 array in [0, 1] (a 4D series contributes its first volume).
@@ -348,17 +463,27 @@ def assemble_series(group: SeriesGroup, image_size: int,
     Raises:
         RejectedSeries, RejectedFile: why the series cannot be assembled.
     """
-    volume = assemble(group, decoded)
+    volume = assemble(group, decoded, philips_scaling)
     slope, intercept = volume.scaling
     values = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
     return volume, preprocess(values.astype(np.float64) * slope + intercept, image_size).astype(np.float32)
 
 
 def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Workspace,
-                    ledger_rows: list[dict], manifest_rows: list[dict],
+                    copies: Mapping[str, list[FileJob]], ledger_rows: list[dict], manifest_rows: list[dict],
                     checkpoint: Callable[[list[dict], list[dict]], object]) -> None:
     """3D: group the new files' slices into series, assemble each from the pixels the sandbox decoded, write
-    NIfTI + arrays. Assembly parses nothing (the stashed arrays are our own ``.npy``), so it runs here."""
+    NIfTI + arrays. Assembly parses nothing (the stashed arrays are our own ``.npy``), so it runs here.
+
+    Args:
+        slices: the results of the files that hold 3D slices, in input order.
+        settings: the workers' settings (``image_size``).
+        ws: the run's workspace.
+        copies: first file's relative path → its byte-identical copies, settled with it.
+        ledger_rows: this run's ledger rows, extended with one per slice file (and per copy).
+        manifest_rows: this run's manifest rows, extended with one per volume.
+        checkpoint: called once all are settled, to write the tables.
+    """
     by_path = {r.job.path: r for r in slices}
     fate: dict[Path, tuple[str, str, str]] = {}  # (status, reason, image); a file in several groups: first wins
     volumes = []
@@ -376,7 +501,7 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
         decoded = {r.job.path: np.load(_staging(ws) / f"{r.job.content_hash}.pixels.npy", allow_pickle=False)
                    for r in members}
         try:
-            volume, array = assemble_series(group, settings.image_size, decoded)
+            volume, array = assemble_series(group, settings.image_size, decoded, settings.philips_scaling)
         except (RejectedSeries, RejectedFile) as exc:
             for path in group.files:
                 fate.setdefault(path, ("quarantined", f"{group.describe()}: {exc}", ""))
@@ -384,17 +509,28 @@ def _process_series(slices: list[FileResult], settings: WorkerSettings, ws: Work
         dropped = set(volume.dropped_files)
         kept = [r for r in members if r.job.path not in dropped]
         manifest_rows.append(_store_volume(group, volume, array, kept, ws))
+        for path in volume.derived_files:  # part of the series as sent, left out of its volume: said so, not lost
+            fate.setdefault(path, ("ingested", f"{group.describe()}: derived isotropic (trace) diffusion image, left "
+                                               "out of the series' 4D volume as dcm2niix leaves it out",
+                                   manifest_rows[-1]["image"]))
         for path in group.files:
-            fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as a kept slice", "")
+            # The kept file is named by its path below the input folder, as in the ledger: never an absolute path.
+            fate.setdefault(path, ("duplicate", f"{group.describe()}: same position and pixels as "
+                                                f"{by_path[volume.duplicate_of[path]].job.relpath}", "")
                             if path in dropped else ("ingested", "", manifest_rows[-1]["image"]))
+    # A dropped slice may be the same instance as the kept one (same SOP Instance UID, another transfer syntax):
+    # their de-identified copies share one name, which stays the kept slice's.
+    ingested_sops = {r.record["sop_uid"] for p, r in by_path.items() if fate[p][0] == "ingested"}
     for path, result in by_path.items():
         status, reason, image = fate[path]
-        if status != "ingested":  # its de-identified copy was written when it arrived; it is not an output
+        if status != "ingested" and result.record["sop_uid"] not in ingested_sops:
+            # its de-identified copy was written when it arrived; it is not an output
             (ws.ingest / "dicom" / f"{result.record['sop_uid']}.dcm").unlink(missing_ok=True)
         if status == "quarantined":
             reason += _quarantine(result.job, ws.quarantine)
             logger.warning("quarantined %s: %s", result.job.relpath, reason)
         ledger_rows.append(_ledger_row(result.job.relpath, result.job.content_hash, status, reason, image))
+        ledger_rows += _copy_rows(ledger_rows[-1], fate[path][1], copies.get(result.job.relpath, ()), ws.quarantine)
     checkpoint(ledger_rows, manifest_rows)
 
 
@@ -414,7 +550,8 @@ def _store_volume(group: SeriesGroup, volume: Volume, array: np.ndarray, members
     _write_atomic(ws.ingest / image, buffer.getvalue())
     digest = hashlib.sha256("".join(sorted(r.job.content_hash for r in members)).encode()).hexdigest()
     shape = volume.data.shape
-    record.update(image=image.as_posix(), volume=nifti.as_posix(), label=pd.NA, content_hash=digest,
+    record.update(image=image.as_posix(), volume=nifti.as_posix(), intensity_scaling=volume.scaling_source,
+                  label=pd.NA, content_hash=digest,
                   sop_uid="", rows=int(shape[1]), columns=int(shape[0]))
     return record
 
@@ -685,15 +822,27 @@ def _store(result: FileResult, ws: Workspace) -> dict:
     return {**result.record, "image": f"arrays/{result.record['sop_uid']}.npy", "volume": "", "label": pd.NA}
 
 
-def _quarantine(job: FileJob, quarantine: Path) -> str:
+def _quarantine(job: FileJob, quarantine: Path, copy: bool = False) -> str:
     """Copy ``job``'s file to ``quarantine/<hash[:16]>_<name>``; returns what to add to its reason ("" when copied).
 
     The name keeps at most the last :data:`_QUARANTINE_NAME_BYTES` bytes of the input's (its extension, within
     the file system's 255), written as in the ledger.
+
+    Args:
+        job: the file.
+        quarantine: the quarantine folder.
+        copy: the file is a byte-identical copy of another quarantined file, so its content hash (and maybe its
+            name, from another folder) is that file's: ``<hash[:16]>_<sha256 of its relative path[:8]>_<name>``
+            keeps one copy per input file instead of overwriting the first's.
+
+    Returns:
+        ``""``, or why no copy was made, to append to the ledger reason.
     """
     name = job.relpath.rsplit("/", 1)[-1]
     while len(name.encode()) > _QUARANTINE_NAME_BYTES:
         name = name[1:]
+    if copy:
+        name = f"{hashlib.sha256(job.relpath.encode()).hexdigest()[:8]}_{name}"
     target = quarantine / f"{job.content_hash[:16]}_{name}"
     tmp = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
     try:

@@ -40,6 +40,9 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "photometric": "str",  # PhotometricInterpretation: MONOCHROME1 (inverted) / MONOCHROME2 / RGB ...
     "view_position": "str",  # ViewPosition (PA, AP, LL ...; AP = often a portable unit at the bedside); "" if absent
     "body_part": "str",  # BodyPartExamined (CHEST ...); "" when absent
+    # 3D: how the NIfTI's scl_slope/scl_inter were chosen (medtl.ingest.volume.Volume.scaling_source): rescale
+    # (RescaleSlope/Intercept), philips_precise (Philips' floating-point values), "…_per_slice"; "" for 2D images
+    "intensity_scaling": "str",
     # After de-identification, so present only where the options keep them (ingest.retain_patient_characteristics,
     # ingest.longitudinal_temporal); they feed the report's subgroup table and provenance dates.
     "sex": "str",  # PatientSex: M / F / O, "" when not recorded or removed
@@ -54,7 +57,7 @@ LEDGER_COLUMNS: dict[str, str] = {
     "path": "str",  # relative to the input folder, posix separators
     "content_hash": "str",
     "status": "str",  # one of STATUSES
-    "reason": "str",  # empty for ingested files
+    "reason": "str",  # empty for ingested files, but for a note on one left out of its series' volume
     "image": "str",  # ingested: the manifest image it went into (3D: its series' array); else empty
 }
 

@@ -35,7 +35,8 @@ from medtl.ingest.worker import FileJob, FileResult
 from medtl.workspace import Workspace, atomic_write
 
 SHARDS_DIR = ".shards"
-_PLAN_VERSION = 3  # 2: manifest rows gained bits_stored, photometric, view_position, body_part; 3: skipped entries
+_PLAN_VERSION = 4  # 2: manifest rows gained bits_stored, photometric, view_position, body_part; 3: skipped entries;
+# 4: manifest rows gained intensity_scaling
 
 
 def shards_dir(ws: Workspace) -> Path:

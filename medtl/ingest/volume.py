@@ -1,10 +1,11 @@
 """Series → volume: group DICOM slices into series, order them in space, check the geometry, write NIfTI.
 
 A *slice* is one 2D image with its own position: a single-frame file, one frame of an enhanced
-multi-frame file, or one tile of a Siemens mosaic. Slices are grouped by study, series and every
-acquisition attribute that must not be mixed in one array (orientation, matrix, pixel spacing, echo,
-image type, diffusion b-value); each group is sorted along the slice normal, checked for missing,
-duplicated and unevenly spaced slices, and written as NIfTI-1.
+multi-frame file, or one tile of a Siemens mosaic or a UIH VFRAME image. Slices are grouped by study, series
+and every acquisition attribute that must not be mixed in one array (orientation, matrix, pixel spacing,
+echo, image type; diffusion weightings stay together as the volumes of one series); each group is sorted
+along the slice normal, checked for missing, duplicated and unevenly spaced slices, and written as NIfTI-1
+with dcm2niix's sidecars: ``.json`` (BIDS fields), and ``.bval``/``.bvec`` for a diffusion series.
 
 Geometry follows DICOM PS3.3 C.7.6.2.1.1: the centre of pixel (row ``r``, column ``c``) lies at
 ``IPP + c·Δc·X + r·Δr·Y`` (LPS, mm), where ``X, Y`` are the row and column direction cosines of
@@ -13,8 +14,11 @@ ImageOrientationPatient and ``PixelSpacing = (Δr, Δc)``. The slice normal is `
 The NIfTI layout is dcm2niix's (Li et al., J Neurosci Methods 264:47-56, 2016), checked voxel for
 voxel against its output on dcm_qa_nih: data axes ``(column, row reversed, slice ascending along the
 normal[, volume])``, sform = qform (code 1, scanner) in RAS, the stored integers kept with
-``scl_slope``/``scl_inter`` taken from RescaleSlope/RescaleIntercept, unsigned 16-bit data that fits
-stored as ``int16``.
+``scl_slope``/``scl_inter`` taken from RescaleSlope/RescaleIntercept (Philips: its floating-point scaling,
+dcm2niix's default), unsigned data with BitsStored < 16 stored as ``int16``, pixdim[4] the repetition time in
+seconds. 3D acquisitions keep their acquisition layout: dcm2niix's ``-x i`` (by default dcm2niix reorients
+them to the nearest canonical axes, the same voxels in the same place). Vendor-specific sources:
+:mod:`medtl.ingest.vendor`.
 
 Headers are read by :mod:`medtl.ingest.fastparse`, which gives exactly what
 ``pydicom.dcmread(..., specific_tags=HEADER_TAGS)`` gives, in a fraction of the time, and leaves every file it
@@ -24,6 +28,7 @@ does not fully understand to ``dcmread`` (:func:`read_header`).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -44,8 +49,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medtl.ingest import fastparse
+from medtl import __version__
+from medtl.ingest import fastparse, vendor
 from medtl.ingest.reader import RejectedFile, decode_failure, effective_vr
+from medtl.config import PhilipsScaling
+from medtl.ingest.vendor import PHILIPS_SCALINGS
 
 with warnings.catch_warnings():
     # nibabel.nicom warns that its DICOM *readers* are experimental; only the CSA header parser is used here
@@ -70,7 +78,9 @@ HEADER_TAGS: tuple[str | int, ...] = (
     "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames", "RescaleSlope", "RescaleIntercept",
     "EchoNumbers", "EchoTime", "RepetitionTime", "DiffusionBValue", "InPlanePhaseEncodingDirection",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "DiffusionGradientOrientation", "DiffusionDirectionality", *vendor.SIDECAR_KEYWORDS,
     0x00290010, 0x00290011, 0x00290012, 0x00291010, 0x00291110, 0x00291210,  # Siemens CSA image header
+    *vendor.PRIVATE_CREATORS, *(spec.tag for spec in vendor.PRIVATE_TAGS.values()),
     "PixelData",
 )
 
@@ -113,8 +123,16 @@ class SliceHeader:
         orientation: the 6 direction cosines (row direction, then column direction).
         pixel_spacing: (between rows, between columns) in mm.
         rows, columns: size of the slice (of one tile for a mosaic).
-        mosaic_tiles: number of slices in a Siemens mosaic (0 when not a mosaic).
-        rescale: (RescaleSlope, RescaleIntercept) of this slice.
+        mosaic_tiles: number of slices tiled in a Siemens mosaic or a UIH VFRAME image (0 otherwise).
+        mosaic_grid: (tiles down, tiles across) of such an image.
+        rescale: (RescaleSlope, RescaleIntercept) of this slice: the display scaling.
+        philips_scale_slope: Philips' MR scale slope SS (2005,100E), for the floating-point scaling.
+        b_value: diffusion b-value (s/mm²), public or the vendor's private element.
+        gradient: unit diffusion gradient direction; ``None`` for b = 0 or isotropic images.
+        gradient_frame: ``patient`` (LPS), ``image`` (UIH: read, phase, slice) or ``ge`` (GE's logical frame).
+        isotropic: a derived isotropic (trace) diffusion image.
+        bits_stored: BitsStored, which decides the NIfTI integer type.
+        sidecar: the BIDS sidecar fields (:func:`medtl.ingest.vendor.sidecar_fields`; not compared).
         dataset: the parsed header with deferred pixel data (not compared).
     """
 
@@ -140,6 +158,13 @@ class SliceHeader:
     repetition_time_ms: float | None
     phase_direction: str
     mosaic_tiles: int = 0
+    mosaic_grid: tuple[int, int] = (0, 0)
+    philips_scale_slope: float | None = None
+    gradient: tuple[float, float, float] | None = None
+    gradient_frame: Literal["patient", "image", "ge"] = "patient"
+    isotropic: bool = False
+    bits_stored: int | None = None
+    sidecar: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
     dataset: Dataset | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -165,7 +190,7 @@ class SeriesGroup:
     """Slices that belong in one array.
 
     Attributes:
-        key: the grouping key (study, series, orientation, matrix, spacing, echo, image type, b-value).
+        key: the grouping key (study, series, orientation, matrix, spacing, echo, image type).
         headers: the slices, in file order.
         part: 0 when the series is not split, else 1, 2, … for each of its groups.
         split_by: names of the attributes that differ between the groups of this series.
@@ -196,19 +221,32 @@ class Volume:
         data: stored values, NIfTI axis order ``(X columns, Y rows reversed, Z slices[, T volumes])``.
         affine: 4×4 voxel index → RAS mm.
         scaling: (slope, intercept) turning ``data`` into modality values (NIfTI scl_slope/scl_inter).
+        scaling_source: where ``scaling`` comes from: ``rescale`` (RescaleSlope/Intercept, the display values),
+            ``philips_precise`` (Philips' floating-point values); ``…_per_slice`` when it differed between
+            slices and ``data`` holds the scaled values as float32.
         findings: non-blocking observations (dropped duplicates, shear, …).
         dropped_files: files left out entirely because every slice in them duplicates a kept one.
-        repetition_time_s: seconds between volumes (NIfTI pixdim[4]) for a 4D volume.
+        duplicate_of: for each dropped file, the kept file whose pixels it repeats.
+        derived_files: files left out because they hold only derived isotropic (trace) diffusion images.
+        repetition_time_s: the repetition time (NIfTI pixdim[4], as dcm2niix also writes for 3D volumes).
         phase_axis: data axis (0 or 1) of the in-plane phase-encoding direction, when known.
+        diffusion: per volume, ``(b-value, bvec)`` in the image frame (``.bval``/``.bvec``); ``None`` when no
+            slice records a b-value.
+        sidecar: the BIDS JSON sidecar's fields (``.json``).
     """
 
     data: np.ndarray
     affine: np.ndarray
     scaling: tuple[float, float] = (1.0, 0.0)
+    scaling_source: str = "rescale"
     findings: tuple[Finding, ...] = ()
     dropped_files: tuple[Path, ...] = ()
+    duplicate_of: Mapping[Path, Path] = field(default_factory=dict)
+    derived_files: tuple[Path, ...] = ()
     repetition_time_s: float | None = None
     phase_axis: int | None = None
+    diffusion: tuple[tuple[float, tuple[float, float, float]], ...] | None = None
+    sidecar: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -316,23 +354,32 @@ def read_slice_headers(path: Path, ds: Dataset | None = None) -> list[SliceHeade
         ds = read_header(path)
     if not all(_tag(keyword) in ds for keyword in ("Rows", "Columns", "PixelData")):
         raise RejectedFile("not an image: Rows (0028,0010), Columns (0028,0011) or PixelData (7FE0,0010) missing")
+    maker = vendor.vendor_of(ds)
     common = dict(
         path=path, study_uid="".join(_strings(ds, "StudyInstanceUID")),
         series_uid="".join(_strings(ds, "SeriesInstanceUID")),
         series_number=_int(ds, "SeriesNumber"), series_description=str(_value(ds, "SeriesDescription", "") or ""),
         image_type=tuple(v.upper() for v in _strings(ds, "ImageType")),
         instance_number=_int(ds, "InstanceNumber"), acquisition_number=_int(ds, "AcquisitionNumber"),
-        repetition_time_ms=_float(ds, "RepetitionTime"),
-        phase_direction=str(_value(ds, "InPlanePhaseEncodingDirection", "") or "").upper(), dataset=ds)
+        repetition_time_ms=_float(ds, "RepetitionTime"), bits_stored=_int(ds, "BitsStored"),
+        phase_direction=str(_value(ds, "InPlanePhaseEncodingDirection", "") or "").upper(),
+        sidecar=vendor.sidecar_fields(ds), dataset=ds)
     if _tag("PerFrameFunctionalGroupsSequence") in ds:
-        return _enhanced_headers(ds, common)
+        return _enhanced_headers(ds, common, maker)
+    weighting = vendor.diffusion(ds, maker)
     header = SliceHeader(
         frame=None, position=_vector(ds, "ImagePositionPatient", 3), orientation=_orientation(ds),
         pixel_spacing=_spacing(ds), rows=int(_value(ds, "Rows")), columns=int(_value(ds, "Columns")),
-        echo_number=_int(ds, "EchoNumbers"), echo_time=_float(ds, "EchoTime"), b_value=_float(ds, "DiffusionBValue"),
-        temporal_position=_int(ds, "TemporalPositionIdentifier"), rescale=_rescale(ds), **common)
+        echo_number=_int(ds, "EchoNumbers"), echo_time=_float(ds, "EchoTime"), b_value=weighting.b_value,
+        gradient=weighting.gradient, gradient_frame=weighting.frame, isotropic=weighting.isotropic,
+        temporal_position=_int(ds, "TemporalPositionIdentifier"), rescale=_rescale(ds, maker),
+        philips_scale_slope=vendor.philips_scale_slope(ds) if maker == "philips" else None, **common)
     if "MOSAIC" in header.image_type:
         return _mosaic_headers(ds, header)
+    if maker == "uih" and vendor.items(ds, vendor.PRIVATE_TAGS["uih_vframe_sequence"].tag):
+        return _uih_grid_headers(ds, header)
+    if header.repetition_time_ms is None and maker == "siemens":
+        header = _replace(header, repetition_time_ms=vendor.repetition_time_ms(ds, _csa_image_header(ds)))
     if _int(ds, "NumberOfFrames") not in (None, 1):
         return [_replace(header, position=None)]  # multi-frame without per-frame geometry: not a volume here
     return [header]
@@ -350,6 +397,8 @@ def _mosaic_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
         csa = csareader.get_csa_header(ds, "image")
     except Exception as exc:  # the CSA parser raises its own and struct errors on corrupt headers
         raise RejectedFile(f"Siemens mosaic with an unreadable CSA image header (0029,xx10): {exc}") from exc
+    if header.repetition_time_ms is None:  # mosaics without (0018,0080) keep TR in the CSA header only
+        header = _replace(header, repetition_time_ms=vendor.repetition_time_ms(ds, csa))
     n_tiles = csareader.get_n_mosaic(csa) if csa else None
     if not n_tiles:
         raise RejectedFile("Siemens mosaic (ImageType MOSAIC) without NumberOfImagesInMosaic in the CSA image "
@@ -371,11 +420,48 @@ def _mosaic_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
              + (header.rows - rows) / 2 * d_row * col_cos)
     normal = csareader.get_slice_normal(csa)
     normal = header.normal if normal is None else np.asarray(normal, dtype=float) / np.linalg.norm(normal)
-    return [_replace(header, frame=k, rows=rows, columns=columns, mosaic_tiles=n_tiles,
+    return [_replace(header, frame=k, rows=rows, columns=columns, mosaic_tiles=n_tiles, mosaic_grid=(per_side, per_side),
                      position=tuple(float(v) for v in first + k * spacing * normal)) for k in range(n_tiles)]
 
 
-def _enhanced_headers(ds: Dataset, common: dict) -> list[SliceHeader]:
+def _csa_image_header(ds: Dataset) -> dict | None:
+    try:
+        return csareader.get_csa_header(ds, "image")
+    except Exception:  # a damaged CSA header only costs what it would have added (TR): the public header stands
+        return None
+
+
+def _uih_grid_headers(ds: Dataset, header: SliceHeader) -> list[SliceHeader]:
+    """Split a UIH VFRAME image (several slices tiled in one 2D image) into its tiles, each at its own position.
+
+    The number of tiles is (0065,1050); they fill a grid ``ceil(sqrt(n))`` tiles across and as many rows as
+    needed (20 tiles: 5 across, 4 down; a Siemens mosaic would be 5 × 5), row by row, and tile ``k`` lies where
+    item ``k`` of (0065,1051) says (ImagePositionPatient): unlike a Siemens mosaic, the top level has no
+    position to correct. Orientation and spacing are the top level's, else the first item's.
+    """
+    tiles = vendor.items(ds, vendor.PRIVATE_TAGS["uih_vframe_sequence"].tag)
+    count = vendor.numbers(ds, vendor.PRIVATE_TAGS["uih_grid_count"].tag, "DS")
+    n_tiles = int(count[0]) if count else len(tiles)
+    if n_tiles < 1 or len(tiles) < n_tiles:
+        raise RejectedFile(f"UIH VFRAME image: (0065,1050) declares {n_tiles} tiles but (0065,1051) has "
+                           f"{len(tiles)} items: the tile positions are unknown")
+    across = math.ceil(math.sqrt(n_tiles))
+    down = math.ceil(n_tiles / across)
+    if header.rows % down or header.columns % across:
+        raise RejectedFile(f"UIH VFRAME image of {header.rows}x{header.columns} pixels cannot hold {n_tiles} tiles "
+                           f"on a grid {across} across and {down} down")
+    orientation = header.orientation or _orientation(tiles[0])
+    spacing = header.pixel_spacing or _spacing(tiles[0])
+    positions = [_vector(tile, "ImagePositionPatient", 3) for tile in tiles[:n_tiles]]
+    if orientation is None or spacing is None or any(p is None for p in positions):
+        raise RejectedFile("UIH VFRAME image without ImageOrientationPatient, PixelSpacing or a tile's "
+                           "ImagePositionPatient in (0065,1051)")
+    return [_replace(header, frame=k, rows=header.rows // down, columns=header.columns // across,
+                     mosaic_tiles=n_tiles, mosaic_grid=(down, across), position=positions[k],
+                     orientation=orientation, pixel_spacing=spacing) for k in range(n_tiles)]
+
+
+def _enhanced_headers(ds: Dataset, common: dict, maker: vendor.Vendor) -> list[SliceHeader]:
     """One header per frame of an enhanced multi-frame file (functional groups, PS3.3 C.7.6.16)."""
     shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else Dataset()
     headers = []
@@ -388,14 +474,19 @@ def _enhanced_headers(ds: Dataset, common: dict) -> list[SliceHeader]:
 
         content, echo, diffusion = item("FrameContentSequence"), item("MREchoSequence"), item("MRDiffusionSequence")
         transform = item("PixelValueTransformationSequence")
+        weighting = vendor.diffusion(ds, maker, diffusion)
+        # Siemens XA and other enhanced files keep TR in the functional groups only
+        timing = {**common, "repetition_time_ms": vendor.repetition_time_ms(ds, frame_item=frame)}
         headers.append(SliceHeader(
             frame=index, position=_vector(item("PlanePositionSequence"), "ImagePositionPatient", 3),
             orientation=_orientation(item("PlaneOrientationSequence")),
             pixel_spacing=_spacing(item("PixelMeasuresSequence")),
             rows=int(ds.Rows), columns=int(ds.Columns), echo_number=None,
-            echo_time=_float(echo, "EffectiveEchoTime"), b_value=_float(diffusion, "DiffusionBValue"),
+            echo_time=_float(echo, "EffectiveEchoTime"), b_value=weighting.b_value, gradient=weighting.gradient,
+            gradient_frame=weighting.frame, isotropic=weighting.isotropic,
             temporal_position=_int(content, "TemporalPositionIndex"),
-            rescale=_rescale(transform) if "RescaleSlope" in transform else _rescale(ds), **common))
+            rescale=_rescale(transform) if "RescaleSlope" in transform else _rescale(ds, maker),
+            philips_scale_slope=vendor.philips_scale_slope(ds, frame) if maker == "philips" else None, **timing))
     return headers
 
 
@@ -487,8 +578,10 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
     return spacing
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
+def _rescale(ds: Dataset, maker: vendor.Vendor = "other") -> tuple[float, float]:
     slope, intercept = _float(ds, "RescaleSlope"), _float(ds, "RescaleIntercept")
+    if maker == "philips" and slope is None:  # Philips keeps a private copy where the public one is absent
+        slope, intercept = vendor.philips_display_rescale(ds)
     return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
 
@@ -497,7 +590,7 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
 
 
 _KEY_FIELDS = ("study", "series", "orientation", "matrix", "pixel spacing", "echo number", "echo time",
-               "image type", "b-value")
+               "image type")
 
 
 def _group_key(h: SliceHeader) -> tuple:
@@ -506,14 +599,15 @@ def _group_key(h: SliceHeader) -> tuple:
         return None if values is None else tuple(round(v, decimals) + 0.0 for v in values)
 
     return (h.study_uid, h.series_uid, rounded(h.orientation, _ORIENTATION_DECIMALS), (h.rows, h.columns),
-            rounded(h.pixel_spacing, 4), h.echo_number, h.echo_time, h.image_type, h.b_value)
+            rounded(h.pixel_spacing, 4), h.echo_number, h.echo_time, h.image_type)
 
 
 def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
     """Group slices by study and series, splitting a series whose slices must not share one array.
 
     A series is split when its slices differ in orientation, matrix size, pixel spacing, echo
-    (EchoNumbers/EchoTime), ImageType or diffusion b-value.
+    (EchoNumbers/EchoTime) or ImageType. Diffusion weightings are volumes of one 4D series, as dcm2niix
+    writes them (b = 0 and weighted volumes together, whichever element holds the b-value).
 
     Args:
         headers: slices from :func:`read_slice_headers`, any order.
@@ -556,7 +650,8 @@ def is_volume_series(group: SeriesGroup) -> bool:
 # assembling
 
 
-def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = None) -> Volume:
+def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = None,
+             philips_scaling: PhilipsScaling = "precise") -> Volume:
     """Sort a volume group along its normal, check its geometry, and stack its pixels.
 
     Repeated positions are either exact duplicates (identical pixels; the extras are dropped) or
@@ -568,6 +663,8 @@ def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = Non
         group: a group for which :func:`is_volume_series` is True.
         decoded: stored pixel arrays by file (``pixel_array`` of each file, as from :func:`decode_stored`)
             already decoded elsewhere, e.g. in a sandboxed worker; files not in it are read and decoded here.
+        philips_scaling: ``precise`` (Philips' floating-point values, dcm2niix's default) or ``display``
+            (RescaleSlope/Intercept) for Philips files with an MR scale slope (2005,100E).
 
     Returns:
         The :class:`Volume`: ``data`` of shape ``(columns, rows, slices)`` or ``(columns, rows, slices,
@@ -577,14 +674,22 @@ def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = Non
         RejectedSeries: with the reason and the findings, when the group cannot be written.
     """
     where = group.describe()
+    if philips_scaling not in PHILIPS_SCALINGS:
+        raise ValueError(f"philips_scaling={philips_scaling!r}: choose one of {PHILIPS_SCALINGS}")
     if not is_volume_series(group):
         raise RejectedSeries(f"{where} is not a volume: its slices lack geometry or lie at a single position")
-    first = group.headers[0]
-    pixels = _load_pixels(group.headers, where, decoded)
     findings: list[Finding] = []
+    headers, derived = _without_derived_trace(group.headers)
+    if derived:
+        findings.append(Finding("derived_trace_dropped", f"{len(derived)} isotropic (trace) image(s) of this diffusion "
+                                f"series left out ({', '.join(_name(h) for h in derived[:3])}"
+                                f"{' …' if len(derived) > 3 else ''}): derived from the directional volumes, as "
+                                "dcm2niix leaves them out", blocking=False))
+    first = headers[0]
+    pixels = _load_pixels(headers, where, decoded)
 
-    depth_of = {h: float(np.dot(h.position, first.normal)) for h in group.headers}
-    clusters = _clusters(sorted(group.headers, key=lambda h: (depth_of[h], h.time_key)), depth_of)
+    depth_of = {h: float(np.dot(h.position, first.normal)) for h in headers}
+    clusters = _clusters(sorted(headers, key=lambda h: (depth_of[h], h.time_key)), depth_of)
     kept_clusters, dropped = [], []
     for cluster in clusters:
         kept: list[SliceHeader] = []
@@ -593,7 +698,7 @@ def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = Non
             if same is None:
                 kept.append(h)
             else:
-                dropped.append(h)
+                dropped.append((h, same))
                 findings.append(Finding("duplicate_dropped", f"{_name(h)} duplicates {_name(same)} (same position "
                                         f"{depth_of[h]:.3f} mm along the normal, identical pixels); dropped",
                                         blocking=False))
@@ -616,29 +721,61 @@ def assemble(group: SeriesGroup, decoded: Mapping[Path, np.ndarray] | None = Non
     if any(f.blocking for f in findings):
         raise RejectedSeries(f"{where}: " + "; ".join(str(f) for f in findings if f.blocking), findings)
 
-    slopes = {h.rescale for c in kept_clusters for h in c}
+    scaling_of = {h: _scaling(h, philips_scaling) for c in kept_clusters for h in c}
+    slopes = set(scaling_of.values())
+    source = "philips_precise" if philips_scaling == "precise" and first.philips_scale_slope else "rescale"
     ordered = [[c[t] for c in kept_clusters] for t in range(counts[0])]  # [volume][slice]
     if len(slopes) == 1:
         scaling = slopes.pop()
         data = np.stack([np.stack([pixels[h] for h in vol], axis=-1) for vol in ordered], axis=-1)
-        data = _compact_integers(data, _int(first.dataset, "BitsStored") if first.dataset is not None else None)
+        data = _compact_integers(data, first.bits_stored)
     else:
-        findings.append(Finding("rescale_varies", f"RescaleSlope/RescaleIntercept differ between slices "
-                                f"({len(slopes)} pairs); values stored rescaled as float32", blocking=False))
-        scaling = (1.0, 0.0)
-        data = np.stack([np.stack([pixels[h] * h.rescale[0] + h.rescale[1] for h in vol], axis=-1)
+        findings.append(Finding("rescale_varies", f"the scaling of the stored values differs between slices "
+                                f"({len(slopes)} slope/intercept pairs); values stored rescaled as float32",
+                                blocking=False))
+        scaling, source = (1.0, 0.0), f"{source}_per_slice"
+        data = np.stack([np.stack([pixels[h] * scaling_of[h][0] + scaling_of[h][1] for h in vol], axis=-1)
                          for vol in ordered], axis=-1).astype(np.float32)
     # (rows, columns, slices, volumes) → (columns, rows reversed, slices, volumes)
     data = np.ascontiguousarray(data.transpose(1, 0, 2, 3)[:, ::-1])
     if data.shape[3] == 1:
         data = data[..., 0]
     used = {h.path for c in kept_clusters for h in c}
+    duplicate_of = {h.path: same.path for h, same in dropped if h.path not in used}
     phase_axis = {"COL": 1, "ROW": 0}.get(first.phase_direction)
-    tr = first.repetition_time_ms / 1000 if first.repetition_time_ms and data.ndim == 4 else None
-    return Volume(data=data, affine=slice_affine(first, positions[0], step), scaling=scaling,
-                  findings=tuple(findings), dropped_files=tuple(dict.fromkeys(h.path for h in dropped
-                                                                               if h.path not in used)),
-                  repetition_time_s=tr, phase_axis=phase_axis)
+    tr = first.repetition_time_ms / 1000 if first.repetition_time_ms else None
+    diffusion = tuple(vendor.bvec(vol[0].b_value, vol[0].gradient, vol[0].gradient_frame, first.orientation,
+                                  first.phase_direction) for vol in ordered)
+    if not vendor.is_diffusion_weighted(diffusion):
+        diffusion = None  # e.g. GE fMRI records b = 0 for every volume: no .bval, as dcm2niix
+    sidecar = {**first.sidecar, **({"PhilipsRescaleSlope": first.rescale[0], "PhilipsRescaleIntercept": first.rescale[1],
+                                    "PhilipsScaleSlope": first.philips_scale_slope,
+                                    "UsePhilipsFloatNotDisplayScaling": int(philips_scaling == "precise")}
+                                   if first.philips_scale_slope else {})}
+    return Volume(data=data, affine=slice_affine(first, positions[0], step), scaling=scaling, scaling_source=source,
+                  findings=tuple(findings), dropped_files=tuple(duplicate_of), duplicate_of=duplicate_of,
+                  derived_files=tuple(dict.fromkeys(h.path for h in derived if h.path not in used)),
+                  repetition_time_s=tr, phase_axis=phase_axis, diffusion=diffusion, sidecar=sidecar)
+
+
+def _without_derived_trace(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader], list[SliceHeader]]:
+    """Split off isotropic (trace) images, when the series also holds directional diffusion images.
+
+    Philips appends the trace of a diffusion series to the series itself, labelled ORIGINAL\\PRIMARY but
+    marked (2001,1004) = 'I'. It is computed from the directional volumes, so dcm2niix leaves it out. A series of
+    trace images only (a TRACEW series) is kept whole: there the trace is what was sent.
+    """
+    derived = [h for h in headers if h.isotropic]
+    if not derived or not any(h.gradient is not None for h in headers):
+        return list(headers), []
+    return [h for h in headers if not h.isotropic], derived
+
+
+def _scaling(h: SliceHeader, philips_scaling: PhilipsScaling) -> tuple[float, float]:
+    """(scl_slope, scl_inter) of one slice: the display rescale, or Philips' floating-point scaling."""
+    if philips_scaling == "precise" and h.philips_scale_slope and h.rescale[0]:
+        return vendor.precise_scaling(h.rescale, h.philips_scale_slope)
+    return h.rescale
 
 
 def _clusters(ordered: list[SliceHeader], depth_of: dict[SliceHeader, float]) -> list[list[SliceHeader]]:
@@ -847,7 +984,11 @@ def _name(h: SliceHeader) -> str:
 
 
 def write_nifti(volume: Volume, path: Path) -> Path:
-    """Write a volume as NIfTI-1, atomically (temporary file in the same folder, then rename).
+    """Write a volume as NIfTI-1 with its sidecars, each atomically (temporary file in the same folder, then rename).
+
+    Beside ``<stem>.nii`` go ``<stem>.json`` (the BIDS fields, :func:`sidecar`) and, for a diffusion series,
+    ``<stem>.bval`` and ``<stem>.bvec`` in dcm2niix's format (``%g`` values separated by spaces; one line of
+    b-values, three lines of vector components in the image frame).
 
     Args:
         volume: from :func:`assemble`.
@@ -872,19 +1013,55 @@ def write_nifti(volume: Volume, path: Path) -> Path:
     image.set_sform(volume.affine, code=1)
     image.set_qform(volume.affine, code=1)
     header.set_xyzt_units("mm", "sec")
-    if volume.repetition_time_s:
-        header.set_zooms(header.get_zooms()[:3] + (volume.repetition_time_s,))
+    # dcm2niix writes TR to pixdim[4] of 3D volumes too (dim[4] is 1 there), and 0 when no header records it
+    header["pixdim"][4] = volume.repetition_time_s or 0.0
     if volume.phase_axis is not None:
         header.set_dim_info(freq=1 - volume.phase_axis, phase=volume.phase_axis, slice=2)
     if volume.scaling != (1.0, 0.0):
         header.set_slope_inter(*volume.scaling)
+    stem = path.name[:-len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[:-len(".nii")]
+    _write_atomic(path.with_name(f"{stem}.json"), json.dumps(sidecar(volume), indent="\t") + "\n")
+    if volume.diffusion is not None:
+        _write_atomic(path.with_name(f"{stem}.bval"), " ".join(f"{b:g}" for b, _ in volume.diffusion) + "\n")
+        _write_atomic(path.with_name(f"{stem}.bvec"), "".join(
+            " ".join(f"{v[axis]:g}" for _, v in volume.diffusion) + "\n" for axis in range(3)))
+    _write_atomic(path, lambda tmp: nib.save(image, tmp))
+    return path
+
+
+LAYOUT = "dcm2niix -x i"
+"""The voxel layout, as the dcm2niix option giving the same: 3D acquisitions keep their acquisition order."""
+
+
+def sidecar(volume: Volume) -> dict[str, object]:
+    """The BIDS JSON sidecar of a volume: its technical DICOM fields, how it was scaled and laid out.
+
+    Args:
+        volume: from :func:`assemble`.
+
+    Returns:
+        The fields of :data:`medtl.ingest.vendor.SIDECAR_FIELDS` the series records (no free text, nothing the
+        de-identification removes), RepetitionTime wherever it was found, and ``ConversionSoftware``,
+        ``VoxelLayout`` (:data:`LAYOUT`), ``IntensityScaling`` (:attr:`Volume.scaling_source`).
+    """
+    out = dict(volume.sidecar)
+    if volume.repetition_time_s:
+        out["RepetitionTime"] = float(f"{volume.repetition_time_s:.9g}")
+    out.update(IntensityScaling=volume.scaling_source, VoxelLayout=LAYOUT, ConversionSoftware="medtl",
+               ConversionSoftwareVersion=__version__)
+    return out
+
+
+def _write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{uuid.uuid4().hex}.tmp-{path.name}")
     try:
-        nib.save(image, tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def default_name(group: SeriesGroup) -> str:
@@ -902,9 +1079,9 @@ def default_name(group: SeriesGroup) -> str:
     return f"{stem}_{group.part}" if group.part else stem
 
 
-def series_to_nifti(paths: Iterable[Path], out_dir: Path,
-                    name: Callable[[SeriesGroup], str] = default_name) -> list[SeriesOutcome]:
-    """Convert every volume series among ``paths`` to ``<out_dir>/<name(group)>.nii``.
+def series_to_nifti(paths: Iterable[Path], out_dir: Path, name: Callable[[SeriesGroup], str] = default_name,
+                    philips_scaling: PhilipsScaling = "precise") -> list[SeriesOutcome]:
+    """Convert every volume series among ``paths`` to ``<out_dir>/<name(group)>.nii`` and its sidecars.
 
     Every input file appears in at least one outcome: ``written``, ``rejected`` (with a reason),
     ``not_volume`` (2D images, for the caller's 2D path) or ``unreadable``. Never raises for bad input.
@@ -913,6 +1090,7 @@ def series_to_nifti(paths: Iterable[Path], out_dir: Path,
         paths: DICOM files (any order, any number of series).
         out_dir: output folder (created when missing).
         name: file stem for a group; make it unique per group (a counter is appended on a clash).
+        philips_scaling: see :func:`assemble`.
 
     Returns:
         One :class:`SeriesOutcome` per unreadable file and per group.
@@ -933,7 +1111,7 @@ def series_to_nifti(paths: Iterable[Path], out_dir: Path,
                                           reason="2D: no geometry or a single slice position"))
             continue
         try:
-            volume = assemble(group)
+            volume = assemble(group, philips_scaling=philips_scaling)
         except RejectedSeries as exc:
             outcomes.append(SeriesOutcome("rejected", group.files, reason=str(exc), findings=exc.findings, group=group))
             continue

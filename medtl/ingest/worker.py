@@ -37,6 +37,7 @@ class WorkerSettings:
     windowing: str
     max_decoded_bytes: int
     outputs: Path
+    philips_scaling: str = "precise"  # ingest.philips_scaling: applied where series are assembled
 
     @property
     def staging(self) -> Path:
@@ -128,6 +129,7 @@ def ingest_file(job: FileJob, settings: WorkerSettings) -> FileResult:
             "rows": int(ds.Rows),
             "columns": int(ds.Columns),
             "pixel_spacing_mm": _pixel_spacing(ds),
+            "intensity_scaling": "",  # a volume's is set when its series is assembled
         }
         clean = deidentify(ds, settings.key, settings.uid_root, options=settings.deid)
         record.update(patient_id=str(clean.get("PatientID", "")), study_uid=str(clean.get("StudyInstanceUID", "")),
